@@ -1,0 +1,281 @@
+"""The ``zmqrun`` command line (click).
+
+Every command prints one readable line on stderr and exits non-zero on error.
+Client commands take ``--address`` (default ``$ZMQRUN_ADDRESS`` or
+tcp://127.0.0.1:5555).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from . import protocol as P
+
+ADDRESS_HELP = "router endpoint (env ZMQRUN_ADDRESS)"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+class ZmqrunGroup(click.Group):
+    """Turns any expected failure into one ``zmqrun: error: ...`` line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from .client import JobFailed, ZmqrunError
+
+        try:
+            return super().invoke(ctx)
+        except JobFailed as e:
+            click.echo(f"zmqrun: job failed: {e.type}: {e.message}", err=True)
+            if e.traceback:
+                click.echo(e.traceback.rstrip(), err=True)
+            sys.exit(1)
+        except (ZmqrunError, ConnectionError, TimeoutError, ValueError, TypeError, OSError) as e:
+            click.echo(f"zmqrun: error: {e}", err=True)
+            sys.exit(1)
+        except KeyError as e:
+            click.echo(f"zmqrun: error: {e.args[0] if e.args else e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=ZmqrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zmqrun")
+def main() -> None:
+    """zmqrun: a fast job runner on ZeroMQ with warm dedicated workers and a durable job log."""
+
+
+# -- router and workers -------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--bind", default=P.DEFAULT_ADDRESS, show_default=True, help="ZeroMQ endpoint to bind")
+@click.option("--data-dir", default="./zmqrun-data", show_default=True, help="where the job log lives")
+@click.option("--fsync", default="always", show_default=True,
+              help="always (ack after fdatasync), interval[=MS] (ack after write, sync every MS), never")
+@click.option("--heartbeat", default=P.HEARTBEAT_INTERVAL, show_default=True, help="seconds between heartbeats")
+@click.option("--liveness", default=P.HEARTBEAT_LIVENESS, show_default=True,
+              help="missed heartbeats before a worker is declared lost")
+@click.option("--max-attempts", default=3, show_default=True, help="dispatches before a lost job fails (WorkerLost)")
+@click.option("--log-level", default="info", show_default=True)
+def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
+           log_level: str) -> None:
+    """Run the router: the queue, dispatch and the job log."""
+    import zmq
+
+    from .joblog import LogCorruption, LogLocked
+    from .router import run_router
+
+    _setup_logging(log_level)
+    try:
+        code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts)
+    except (LogCorruption, LogLocked) as e:
+        click.echo(f"zmqrun: error: {e}", err=True)
+        sys.exit(2)
+    except zmq.ZMQError as e:
+        click.echo(f"zmqrun: error: cannot bind {bind}: {e}", err=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--connect", envvar="ZMQRUN_ADDRESS", default=P.DEFAULT_ADDRESS, show_default=True,
+              help="router endpoint (env ZMQRUN_ADDRESS)")
+@click.option("--dedicated", "script", default=None, metavar="SCRIPT",
+              help="serve only this script, imported once and kept warm (package.module:function or file.py:function)")
+@click.option("--concurrency", default=1, show_default=True, help="jobs run at once")
+@click.option("--prefetch", default=None, type=int,
+              help="jobs the router may send ahead of free slots [default: 32 dedicated, 0 normal]")
+@click.option("--heartbeat", default=P.HEARTBEAT_INTERVAL, show_default=True, help="seconds between heartbeats")
+@click.option("--name", default=None, help="worker name shown in job records and status")
+@click.option("--log-level", default="info", show_default=True)
+def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,
+           name: str | None, log_level: str) -> None:
+    """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job)."""
+    from .scripts import ScriptError
+    from .worker import run_worker
+
+    _setup_logging(log_level)
+    try:
+        code = run_worker(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
+                          name=name)
+    except ScriptError as e:
+        click.echo(f"zmqrun: error: {e}", err=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+# -- client commands ------------------------------------------------------------------------
+
+
+def _client(address: str | None, timeout: float) -> Any:
+    from .client import Client
+
+    return Client(address, timeout=timeout)
+
+
+address_option = click.option("--address", envvar="ZMQRUN_ADDRESS", default=P.DEFAULT_ADDRESS,
+                              show_default=True, help=ADDRESS_HELP)
+timeout_option = click.option("--timeout-s", "client_timeout", default=10.0, show_default=True,
+                              help="seconds to wait for the router to answer")
+
+
+@main.command()
+@click.argument("script")
+@click.option("--args", "args_json", default=None, help='job arguments as a JSON object, e.g. \'{"n": 10}\'')
+@click.option("--delay", default=None, type=float, help="seconds to wait before the job is due")
+@click.option("--priority", default=0, show_default=True, help="higher runs first")
+@click.option("--timeout", default=None, type=float, help="seconds the job may run")
+@click.option("--id", "job_id", default=None, help="your own job id (resubmitting it creates no second job)")
+@click.option("--wait", is_flag=True, help="wait and print the result as JSON")
+@address_option
+@timeout_option
+def submit(script: str, args_json: str | None, delay: float | None, priority: int, timeout: float | None,
+           job_id: str | None, wait: bool, address: str, client_timeout: float) -> None:
+    """Submit a job for SCRIPT; print its id (or, with --wait, its result as JSON)."""
+    args = None
+    if args_json is not None:
+        try:
+            args = json.loads(args_json)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--args is not valid JSON: {e}") from None
+        if not isinstance(args, dict):
+            raise ValueError("--args must be a JSON object, e.g. '{\"n\": 10}'")
+    with _client(address, client_timeout) as c:
+        job = c.submit(script, args, priority=priority, delay=delay, timeout=timeout, job_id=job_id)
+        if wait:
+            click.echo(json.dumps(job.result()))
+        else:
+            click.echo(job.id)
+
+
+@main.group()
+def jobs() -> None:
+    """Look up, list and cancel jobs."""
+
+
+def _fmt_record(r: Any) -> str:
+    lines = [f"id:            {r.id}", f"script:        {r.script}", f"status:        {r.status}",
+             f"args:          {json.dumps(r.args)}", f"priority:      {r.priority}",
+             f"created_at:    {r.created_at}", f"scheduled_for: {r.scheduled_for}",
+             f"started_at:    {r.started_at}", f"finished_at:   {r.finished_at}",
+             f"worker:        {r.worker}", f"attempts:      {r.attempts}", f"timeout:       {r.timeout}"]
+    if r.status == "success":
+        lines.append(f"result:        {json.dumps(r.result)}")
+    if r.error:
+        lines.append(f"error:         {r.error.get('type')}: {r.error.get('message')}")
+        if r.error.get("traceback"):
+            lines.append("traceback:\n" + r.error["traceback"].rstrip())
+    if r.logs:
+        lines.append("logs:\n" + r.logs.rstrip())
+    return "\n".join(lines)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="print the whole record as JSON")
+@address_option
+@timeout_option
+def jobs_show(job_id: str, as_json: bool, address: str, client_timeout: float) -> None:
+    """Show one job's record."""
+    with _client(address, client_timeout) as c:
+        r = c.get(job_id)
+    click.echo(json.dumps(r.to_dict(), indent=2) if as_json else _fmt_record(r))
+
+
+@jobs.command("list")
+@click.option("--status", default=None, type=click.Choice(["queued", "running", "success", "failure", "canceled"]))
+@click.option("--script", default=None)
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@address_option
+@timeout_option
+def jobs_list(status: str | None, script: str | None, limit: int, as_json: bool, address: str,
+              client_timeout: float) -> None:
+    """List jobs, newest first."""
+    with _client(address, client_timeout) as c:
+        records = c.list_jobs(status=status, script=script, limit=limit)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in records], indent=2))
+        return
+    click.echo(f"{'ID':36}  {'STATUS':8}  {'ATTEMPTS':>8}  {'CREATED':27}  SCRIPT")
+    for r in records:
+        click.echo(f"{r.id:36}  {r.status:8}  {r.attempts:>8}  {r.created_at or '':27}  {r.script}")
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@address_option
+@timeout_option
+def jobs_logs(job_id: str, address: str, client_timeout: float) -> None:
+    """Print a job's captured stdout and stderr."""
+    with _client(address, client_timeout) as c:
+        r = c.get(job_id)
+    if r.logs:
+        click.echo(r.logs, nl=not r.logs.endswith("\n"))
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@address_option
+@timeout_option
+def jobs_cancel(job_id: str, address: str, client_timeout: float) -> None:
+    """Cancel a queued or scheduled job."""
+    with _client(address, client_timeout) as c:
+        res = c.cancel(job_id)
+    if not res.canceled:
+        raise ValueError(f"not canceled: {res.message}")
+    click.echo(f"canceled {job_id}")
+
+
+@main.command()
+@address_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True)
+def status(address: str, client_timeout: float, as_json: bool) -> None:
+    """Show workers by script with their credit, and queued / scheduled / running counts."""
+    with _client(address, client_timeout) as c:
+        st = c.status()
+    st.pop("req", None)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    counts = st["counts"]
+    click.echo(f"router {st['endpoint']} (fsync {st['fsync']}): queued {counts['queued']}, scheduled "
+               f"{counts['scheduled']}, running {counts['running']}, finished {counts['finished']}")
+    click.echo(f"{len(st['workers'])} worker(s):")
+    for w in sorted(st["workers"], key=lambda w: (w["script"] or "", w["name"])):
+        click.echo(f"  {w['name']:40}  {w['script'] or '(any script, cold)':40}  "
+                   f"busy {w['in_flight']}/{w['credit']}")
+    if st.get("queued_by_script"):
+        click.echo("queued by script:")
+        for script, n in sorted(st["queued_by_script"].items()):
+            click.echo(f"  {script}: {n}")
+
+
+@main.command()
+@click.option("--warm-jobs", default=500, show_default=True, help="jobs through the dedicated (warm) worker")
+@click.option("--cold-jobs", default=100, show_default=True, help="jobs through the normal (cold) worker")
+def demo(warm_jobs: int, cold_jobs: int) -> None:
+    """Start a router and two workers on loopback, run real jobs through both paths, print latencies."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(warm_jobs, cold_jobs))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Run the bench suite (alias of ``python -m bench``, from a source checkout)."""
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError:
+        raise ValueError("the bench suite lives in the source checkout: run 'zmqrun bench' from the repo "
+                         "root after pip install -e '.[bench]'") from None
+    sys.exit(bench_main(list(ctx.args)))

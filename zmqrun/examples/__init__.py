@@ -1,0 +1,1 @@
+"""Example job scripts bundled with zmqrun (used by ``zmqrun demo``)."""

@@ -1,0 +1,172 @@
+"""Run one job's function and turn its outcome into a JSON-safe report.
+
+Shared by the dedicated worker (in-process, warm) and the cold path's child
+process.  Only stdlib and orjson are imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import orjson
+
+REPR_LIMIT = 500  # characters of repr() kept when a value cannot be serialized
+
+
+def error_report(exc: BaseException, tb: bool = True) -> dict[str, str]:
+    """{type, message, traceback} for an exception, always JSON-serializable (S6)."""
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails
+        message = f"<unprintable {type(exc).__name__}>"
+    return {
+        "type": type(exc).__name__,
+        "message": message[:10_000],
+        "traceback": "".join(traceback.format_exception(exc)) if tb else "",
+    }
+
+
+def _find_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_find_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_find_non_finite(v) for v in value)
+    return False
+
+
+def encode_result(value: Any) -> bytes:
+    """Encode a job's return value as JSON; raise TypeError with a clear message if it is not JSON.
+
+    orjson turns NaN and infinities into ``null`` silently, so a result that
+    encodes to something containing ``null`` is checked for them.
+    """
+    try:
+        data = orjson.dumps(value)
+    except TypeError as e:
+        raise TypeError(f"result is not JSON-serializable ({e}): {_short_repr(value)}") from None
+    if b"null" in data and _find_non_finite(value):
+        raise TypeError(f"result contains NaN or infinity, which JSON cannot carry: {_short_repr(value)}")
+    return data
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(value).__name__} with a failing repr>"
+    return text if len(text) <= REPR_LIMIT else text[:REPR_LIMIT] + "..."
+
+
+_loops = threading.local()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # uvloop is not built for every platform
+        return asyncio.new_event_loop()
+
+
+def call(func: Callable[..., Any], args: dict[str, Any]) -> Any:
+    """Call ``func(**args)``; an awaitable result is run on this thread's event loop."""
+    value = func(**args)
+    if inspect.isawaitable(value):
+        loop = getattr(_loops, "loop", None)
+        if loop is None:
+            loop = _loops.loop = _new_loop()
+        value = loop.run_until_complete(value)
+    return value
+
+
+def run_job(func: Callable[..., Any], args: dict[str, Any]) -> tuple[bytes, float, float]:
+    """Run one job; return (outcome JSON fragment, started_at, finished_at) with epoch-second times.
+
+    The fragment is ``"status":"success","result":...`` or
+    ``"status":"failure","error":{...}`` (without braces) so the caller can splice
+    in id, attempt and logs without re-encoding the result.
+    """
+    started = time.time()
+    try:
+        data = encode_result(call(func, args))
+        frag = b'"status":"success","result":' + data
+    except BaseException as e:  # noqa: BLE001 - any job failure is reported, the worker goes on
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        frag = b'"status":"failure","error":' + orjson.dumps(error_report(e))
+    return frag, started, time.time()
+
+
+class OutputCapture:
+    """A ``sys.stdout``/``sys.stderr`` stand-in that sends each thread's writes to that thread's job buffer.
+
+    Writes from a thread with no job in progress go to the real stream, so two
+    concurrent jobs' logs never mix.  Output written straight to file
+    descriptor 1 or 2 (C extensions, subprocesses) is not captured on the warm path.
+    """
+
+    def __init__(self, real: Any, local: threading.local) -> None:
+        self._real = real
+        self._local = local
+
+    def write(self, text: str) -> int:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            return self._real.write(text)
+        buf.append(text)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if getattr(self._local, "buf", None) is None:
+            self._real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._real, "encoding", "utf-8")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+_capture_local = threading.local()
+_installed = False
+
+
+def install_capture() -> None:
+    """Replace sys.stdout and sys.stderr with per-thread capturing stand-ins (idempotent)."""
+    global _installed
+    if not _installed:
+        sys.stdout = OutputCapture(sys.stdout, _capture_local)  # type: ignore[assignment]
+        sys.stderr = OutputCapture(sys.stderr, _capture_local)  # type: ignore[assignment]
+        _installed = True
+
+
+def run_captured(func: Callable[..., Any], args: dict[str, Any]) -> tuple[bytes, float, float, str]:
+    """:func:`run_job` with this thread's stdout/stderr captured; returns (fragment, started, finished, logs)."""
+    buf: list[str] = []
+    _capture_local.buf = buf
+    try:
+        frag, started, finished = run_job(func, args)
+    finally:
+        _capture_local.buf = None
+    return frag, started, finished, "".join(buf)

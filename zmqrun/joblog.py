@@ -1,0 +1,501 @@
+"""The append-only job log: batch framing, group commit on a writer thread, recovery.
+
+The log is zmqrun's only storage (the queue and the finished-job archive are
+rebuilt from it).  Rules follow ``shared/reference/log-format.md``:
+
+Files in the data dir::
+
+    seg-<first_seq:020d>.log   segments, rolled at ``segment_bytes`` (64 MiB),
+                               named by the sequence number of their first record
+    LOCK                       flock'ed by the running router (one router per dir)
+
+Segment header (32 bytes): magic ``ZRSG``, u16 version, u8 CRC algorithm id,
+u8 flags, u64 first_seq, u64 created_ns, u32 reserved, u32 CRC of bytes 0..27.
+
+Batch frame (the unit of commit, modelled on Kafka record batches)::
+
+    0  u32 magic            4  u32 header_crc (over bytes 8..31)
+    8  u32 body_len (<= MAX_BATCH)            12 u32 body_crc
+    16 u64 first_seq (= previous first_seq + previous count)
+    24 u32 count            28 u16 flags, u16 reserved
+    32 body = count x [u8 type, u32 len, payload]
+
+Two CRCs so that a flipped bit in ``body_len`` is detected as corruption
+instead of being mistaken for a torn tail.  Record lengths are fixed u32
+rather than varints: simpler and faster to parse in Python, 3 bytes dearer.
+
+Write path (group commit): the event loop calls :meth:`JobLog.append` (a deque
+append, no syscall) and :meth:`JobLog.kick` once per loop iteration; the writer
+thread takes every pending record, writes one frame with ``os.write`` and, in
+``always`` mode, ``os.fdatasync`` es it; records that arrive during the sync
+form the next batch.  The writer then advances :attr:`durable_seq` and writes a
+byte to :attr:`notify_fd`, which the router polls.  CPython drops the GIL in
+write and fdatasync, so syncing overlaps the router loop.
+
+Errors: a failed write or sync is never retried (Linux may mark failed pages
+clean, so a retry can falsely succeed): :attr:`failure` is set, the partial
+batch is truncated away, and the log accepts no more writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger("zmqrun.log")
+
+# Record types.
+SUBMIT = 1  # {"at", "client", "jobs": [job, ...]}
+DISPATCH = 2  # {"at", "worker", "jobs": [[id, attempt], ...]}
+FINISH = 3  # {"at", "worker", "results": [result, ...]}
+CANCEL = 4  # {"at", "id", "reason"}
+REQUEUE = 5  # {"at", "jobs": [[id, attempt, reason], ...]}
+RECORD_NAMES = {SUBMIT: "SUBMIT", DISPATCH: "DISPATCH", FINISH: "FINISH", CANCEL: "CANCEL", REQUEUE: "REQUEUE"}
+
+BATCH_MAGIC = 0x5A524231  # "ZRB1"
+SEGMENT_MAGIC = b"ZRSG"
+SEGMENT_VERSION = 1
+CRC_ZLIB32 = 1
+MAX_BATCH = 16 * 1024 * 1024  # bytes; a larger body_len is corruption
+WRITE_BATCH_BYTES = 1024 * 1024  # write-side cap per batch (RocksDB groups up to 1 MB)
+WRITE_BATCH_RECORDS = 4096
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+
+_BATCH = struct.Struct("<IIIIQIHH")  # 32 bytes
+_SEG = struct.Struct("<4sHBBQQI")  # 28 bytes + u32 crc = 32
+_U32 = struct.Struct("<I")
+_REC = struct.Struct("<BI")
+SEGMENT_HEADER_SIZE = _SEG.size + 4
+BATCH_HEADER_SIZE = _BATCH.size
+
+FSYNC_MODES = ("always", "interval", "never")
+
+
+class LogCorruption(Exception):
+    """The log holds a bad batch that is not a torn tail; names file and offset."""
+
+    def __init__(self, path: Path, offset: int, why: str) -> None:
+        super().__init__(
+            f"log corruption in {path.name} at offset {offset}: {why}; refusing to start "
+            f"(nothing was changed; inspect the data dir before removing anything)"
+        )
+        self.path = path
+        self.offset = offset
+        self.why = why
+
+
+class LogLocked(Exception):
+    """Another router holds the data dir."""
+
+
+class LogFailed(Exception):
+    """A write or sync failed; the log accepts no more writes."""
+
+
+@dataclass(frozen=True)
+class FsyncPolicy:
+    """How and when the writer syncs.
+
+    ``mode`` is ``always`` (acknowledge after fdatasync of the batch),
+    ``interval`` (acknowledge after write(); fdatasync every ``interval`` seconds)
+    or ``never`` (acknowledge after write(); the OS writes back).
+    """
+
+    mode: str = "always"
+    interval: float = 0.05  # seconds, for mode == "interval"
+
+    @classmethod
+    def parse(cls, text: str) -> "FsyncPolicy":
+        """Parse ``always``, ``never``, ``interval`` or ``interval=MS``; raise ValueError otherwise."""
+        mode, _, ms = text.partition("=")
+        if mode not in FSYNC_MODES or (ms and mode != "interval"):
+            raise ValueError(f"--fsync must be always, never, interval or interval=MS, not {text!r}")
+        if ms:
+            try:
+                interval = float(ms) / 1000.0
+            except ValueError:
+                raise ValueError(f"--fsync interval=MS needs a number of milliseconds, not {ms!r}") from None
+            if interval <= 0:
+                raise ValueError("--fsync interval=MS needs a positive number of milliseconds")
+            return cls(mode, interval)
+        return cls(mode)
+
+
+def encode_batch(first_seq: int, records: list[tuple[int, bytes]]) -> bytes:
+    """Frame ``records`` ([(type, payload)]) as one batch starting at ``first_seq``."""
+    body = b"".join([_REC.pack(t, len(p)) + p for t, p in records])
+    rest = struct.pack("<IIQIHH", len(body), zlib.crc32(body), first_seq, len(records), 0, 0)
+    return _U32.pack(BATCH_MAGIC) + _U32.pack(zlib.crc32(rest)) + rest + body
+
+
+def decode_body(body: bytes, count: int) -> list[tuple[int, bytes]]:
+    """Split a verified batch body into ``count`` (type, payload) records; raise ValueError if malformed."""
+    out = []
+    pos = 0
+    mv = memoryview(body)
+    for _ in range(count):
+        if pos + 5 > len(body):
+            raise ValueError("record header past end of batch")
+        t, n = _REC.unpack_from(body, pos)
+        pos += 5
+        if pos + n > len(body):
+            raise ValueError("record payload past end of batch")
+        out.append((t, bytes(mv[pos : pos + n])))
+        pos += n
+    if pos != len(body):
+        raise ValueError("trailing bytes in batch body")
+    return out
+
+
+def segment_header(first_seq: int) -> bytes:
+    """The 32-byte header of a new segment whose first record is ``first_seq``."""
+    head = _SEG.pack(SEGMENT_MAGIC, SEGMENT_VERSION, CRC_ZLIB32, 0, first_seq, time.time_ns(), 0)
+    return head + _U32.pack(zlib.crc32(head))
+
+
+def segment_name(first_seq: int) -> str:
+    """File name of the segment starting at ``first_seq``."""
+    return f"seg-{first_seq:020d}.log"
+
+
+def list_segments(data_dir: Path) -> list[Path]:
+    """Segment files of ``data_dir``, oldest first."""
+    return sorted(data_dir.glob("seg-*.log"))
+
+
+@dataclass
+class BatchProblem:
+    """Where and why reading a segment stopped early."""
+
+    offset: int
+    why: str
+
+
+def parse_batch_header(data: bytes, off: int) -> tuple[int, int, int, int] | str:
+    """Validate the batch header at ``off``; return (body_len, body_crc, first_seq, count) or a reason string."""
+    if off + BATCH_HEADER_SIZE > len(data):
+        return "truncated batch header"
+    magic, hcrc, body_len, body_crc, first_seq, count, _flags, _res = _BATCH.unpack_from(data, off)
+    if magic != BATCH_MAGIC:
+        return "bad batch magic"
+    if zlib.crc32(data[off + 8 : off + 32]) != hcrc:
+        return "batch header CRC mismatch"
+    if body_len > MAX_BATCH:
+        return f"batch length {body_len} exceeds the maximum {MAX_BATCH}"
+    return body_len, body_crc, first_seq, count
+
+
+def read_segment(path: Path, data: bytes, expect_seq: int | None) -> tuple[list[tuple[int, int, bytes]], int, BatchProblem | None]:
+    """Read every valid batch of one segment's bytes.
+
+    Returns (records as [(seq, type, payload)], end offset of the last good
+    batch, problem or None).  ``expect_seq`` is the sequence number the first
+    batch must carry (None: take the segment header's).
+    """
+    if len(data) < SEGMENT_HEADER_SIZE:
+        return [], 0, BatchProblem(0, "truncated segment header")
+    head = data[: _SEG.size]
+    (crc,) = _U32.unpack_from(data, _SEG.size)
+    magic, version, _alg, _flags, first_seq, _created, _r = _SEG.unpack(head)
+    if magic != SEGMENT_MAGIC or zlib.crc32(head) != crc:
+        return [], 0, BatchProblem(0, "bad segment header")
+    if version != SEGMENT_VERSION:
+        return [], 0, BatchProblem(0, f"unsupported segment version {version}")
+    if path.name != segment_name(first_seq):
+        return [], 0, BatchProblem(0, f"segment header says first sequence {first_seq}, file name disagrees")
+    if expect_seq is not None and first_seq != expect_seq:
+        return [], 0, BatchProblem(0, f"sequence gap: segment starts at {first_seq}, expected {expect_seq}")
+    seq = first_seq
+    out: list[tuple[int, int, bytes]] = []
+    off = SEGMENT_HEADER_SIZE
+    while off < len(data):
+        parsed = parse_batch_header(data, off)
+        if isinstance(parsed, str):
+            return out, off, BatchProblem(off, parsed)
+        body_len, body_crc, bseq, count = parsed
+        end = off + BATCH_HEADER_SIZE + body_len
+        if end > len(data):
+            return out, off, BatchProblem(off, "batch body truncated")
+        body = data[off + BATCH_HEADER_SIZE : end]
+        if zlib.crc32(body) != body_crc:
+            return out, off, BatchProblem(off, "batch body CRC mismatch")
+        if bseq != seq:
+            return out, off, BatchProblem(off, f"sequence gap: batch starts at {bseq}, expected {seq}")
+        try:
+            records = decode_body(body, count)
+        except ValueError as e:
+            return out, off, BatchProblem(off, str(e))
+        for t, p in records:
+            out.append((seq, t, p))
+            seq += 1
+        off = end
+    return out, off, None
+
+
+def later_valid_batch(data: bytes, start: int) -> int | None:
+    """Offset of a valid batch header after ``start`` (evidence of mid-file corruption), or None."""
+    magic = _U32.pack(BATCH_MAGIC)
+    pos = data.find(magic, start + 1)
+    while pos != -1:
+        if not isinstance(parse_batch_header(data, pos), str):
+            return pos
+        pos = data.find(magic, pos + 1)
+    return None
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a create, rename or delete in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JobLog:
+    """One data dir's append-only log: recovery, then group-committed appends.
+
+    Use: ``log = JobLog(dir, FsyncPolicy("always"))``; ``for seq, type, payload in
+    log.recover(): ...``; ``log.start()``; then ``seq = log.append(type, payload)``
+    and ``log.kick()`` from the owning loop; a record is durable (for the mode)
+    once ``seq <= log.durable_seq``.  ``close()`` flushes and syncs.
+
+    Raises :class:`LogLocked` if another process holds the dir and
+    :class:`LogCorruption` from :meth:`recover` on mid-log damage.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], policy: FsyncPolicy | None = None,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        self.dir = Path(data_dir)
+        self.policy = policy or FsyncPolicy()
+        self.segment_bytes = segment_bytes
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise LogLocked(f"data dir {self.dir} is in use by another zmqrun router") from None
+        self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._seq = 0  # last sequence number handed out
+        self._written_seq = 0  # last sequence number written
+        self.durable_seq = 0  # last sequence number acknowledged-durable for the mode
+        self.failure: BaseException | None = None
+        self._fd = -1
+        self._seg_size = 0
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._notify_r, self._notify_w = os.pipe()
+        os.set_blocking(self._notify_r, False)
+        os.set_blocking(self._notify_w, False)
+        self.batches_written = 0
+        self.syncs = 0
+
+    @property
+    def notify_fd(self) -> int:
+        """A file descriptor that becomes readable when durable_seq advances or the log fails."""
+        return self._notify_r
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def recover(self) -> Iterator[tuple[int, int, bytes]]:
+        """Yield every record (seq, type, payload) in order and prepare the tail for appends.
+
+        A torn tail (bad bytes at the end of the last segment with no valid batch
+        after them) is truncated with a warning naming file, offset and bytes
+        dropped.  Any other bad batch raises :class:`LogCorruption`.
+        """
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink()
+        segments = list_segments(self.dir)
+        expect: int | None = None
+        for i, path in enumerate(segments):
+            last = i == len(segments) - 1
+            data = path.read_bytes()
+            records, good_end, problem = read_segment(path, data, expect)
+            if problem is not None:
+                if not last:
+                    raise LogCorruption(path, problem.offset, problem.why + " (in a sealed segment)")
+                if problem.offset == 0 and problem.why in ("truncated segment header", "bad segment header") \
+                        and len(data) <= SEGMENT_HEADER_SIZE:
+                    # The segment's creation itself was torn: nothing in it was ever acknowledged.
+                    log.warning("%s: torn segment header (%d bytes); removing the empty segment", path.name, len(data))
+                    path.unlink()
+                    fsync_dir(self.dir)
+                    segments.pop()
+                    break
+                later = later_valid_batch(data, problem.offset)
+                if later is not None or problem.offset == 0:
+                    raise LogCorruption(path, problem.offset, problem.why +
+                                        (f"; a valid batch follows at offset {later}" if later is not None else ""))
+                dropped = len(data) - problem.offset
+                log.warning("%s: torn tail at offset %d (%s); truncating, %d bytes dropped",
+                            path.name, problem.offset, problem.why, dropped)
+                with open(path, "r+b") as f:
+                    f.truncate(problem.offset)
+                    f.flush()
+                    os.fdatasync(f.fileno())
+            for rec in records:
+                yield rec
+            if records:
+                expect = records[-1][0] + 1
+            elif expect is None:
+                expect = _SEG.unpack_from(data)[4]
+        self._seq = self._written_seq = self.durable_seq = (expect - 1) if expect is not None else 0
+
+    # -- writing --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the tail segment for appends and start the writer thread."""
+        segments = list_segments(self.dir)
+        if segments and segments[-1].stat().st_size < self.segment_bytes:
+            path = segments[-1]
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self._seg_size = path.stat().st_size
+        else:
+            self._open_segment(self._seq + 1)
+        self._thread = threading.Thread(target=self._run, name="zmqrun-log-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, rtype: int, payload: bytes) -> int:
+        """Queue one record; return its sequence number.  Call :meth:`kick` to get it written."""
+        if self.failure is not None:
+            raise LogFailed(f"the job log failed and accepts no more writes: {self.failure}")
+        self._seq += 1
+        self._pending.append((rtype, payload))
+        return self._seq
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last record appended (durable or not)."""
+        return self._seq
+
+    def kick(self) -> None:
+        """Wake the writer thread (cheap; call once per loop iteration after appends)."""
+        if self._pending:
+            self._wake.set()
+
+    def drain_notify(self) -> None:
+        """Consume the wake-up bytes on :attr:`notify_fd`."""
+        try:
+            while os.read(self._notify_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write and sync everything pending, stop the writer, release the dir lock."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._fd >= 0:
+            if self.failure is None:
+                try:
+                    os.fdatasync(self._fd)
+                except OSError as e:
+                    self.failure = e
+            os.close(self._fd)
+            self._fd = -1
+        for fd in (self._notify_r, self._notify_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+        except OSError:
+            pass
+
+    def _open_segment(self, first_seq: int) -> None:
+        path = self.dir / segment_name(first_seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        head = segment_header(first_seq)
+        os.write(fd, head)
+        os.fdatasync(fd)
+        fsync_dir(self.dir)
+        self._fd = fd
+        self._seg_size = len(head)
+
+    def _take_batch(self) -> list[tuple[int, bytes]]:
+        batch: list[tuple[int, bytes]] = []
+        size = 0
+        pending = self._pending
+        while pending and len(batch) < WRITE_BATCH_RECORDS and size < WRITE_BATCH_BYTES:
+            rec = pending.popleft()
+            batch.append(rec)
+            size += len(rec[1]) + 5
+        return batch
+
+    def _run(self) -> None:
+        mode = self.policy.mode
+        interval = self.policy.interval
+        dirty = False
+        last_sync = time.monotonic()
+        try:
+            while True:
+                if not self._pending:
+                    if self._stopping:
+                        break
+                    timeout = interval if (mode == "interval" and dirty) else None
+                    self._wake.wait(timeout)
+                    self._wake.clear()
+                if self._pending:
+                    if self._seg_size >= self.segment_bytes:
+                        os.fdatasync(self._fd)
+                        os.close(self._fd)
+                        self._open_segment(self._written_seq + 1)
+                    batch = self._take_batch()
+                    frame = encode_batch(self._written_seq + 1, batch)
+                    self._write_all(frame)
+                    self._seg_size += len(frame)
+                    self._written_seq += len(batch)
+                    self.batches_written += 1
+                    if mode == "always":
+                        os.fdatasync(self._fd)
+                        self.syncs += 1
+                    else:
+                        dirty = True
+                    self.durable_seq = self._written_seq
+                    self._notify()
+                if mode == "interval" and dirty and time.monotonic() - last_sync >= interval:
+                    os.fdatasync(self._fd)
+                    self.syncs += 1
+                    dirty = False
+                    last_sync = time.monotonic()
+        except BaseException as e:  # noqa: BLE001 - any failure stops writes for good
+            self.failure = e
+            log.error("job log write failed, accepting no more writes: %s", e)
+            self._notify()
+
+    def _write_all(self, frame: bytes) -> None:
+        start = self._seg_size
+        view = memoryview(frame)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            # ENOSPC or a short write: cut the partial batch off so the tail stays clean.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
+
+    def _notify(self) -> None:
+        try:
+            os.write(self._notify_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the loop has a wake-up pending anyway

@@ -1,0 +1,98 @@
+"""zmqrun wire protocol: frame layout, command bytes and socket defaults.
+
+Majordomo-style (18/MDP, ZeroMQ Guide ch. 4): one ROUTER endpoint serves both
+clients and workers, which are DEALERs.  Every message is two frames after the
+ROUTER's identity frame::
+
+    [header, body]
+
+``header`` is 5 bytes: a 4-byte peer-kind-and-version tag (``ZRC1`` for
+clients, ``ZRW1`` for workers, ``ZRR1`` for the router) followed by one command
+byte.  ``body`` is an orjson-encoded object (may be empty for HEARTBEAT and
+DISCONNECT).  Jobs always travel in batches (a list of one or more), so one
+message can carry one job at low latency or a thousand under load; frames per
+message dominate pyzmq's CPU cost, so the header stays one small frame.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+CLIENT: Final = b"ZRC1"
+WORKER: Final = b"ZRW1"
+ROUTER: Final = b"ZRR1"
+PROTOCOL_VERSION: Final = 1
+
+# client -> router
+C_SUBMIT: Final = 0x01  # {"req", "jobs": [job, ...]}                -> ACK after fdatasync
+C_WAIT: Final = 0x02  # {"req", "ids": [...]}                         -> REPLY, then RESULT pushes
+C_GET: Final = 0x03  # {"req", "id"}                                  -> REPLY {"job": record|null}
+C_LIST: Final = 0x04  # {"req", "status", "script", "limit"}          -> REPLY {"jobs": [...]}
+C_CANCEL: Final = 0x05  # {"req", "id", "reason"}                     -> REPLY {"canceled", "status", "message"}
+C_STATUS: Final = 0x06  # {"req"}                                     -> REPLY {"workers", "counts"}
+
+# worker -> router
+W_READY: Final = 0x11  # {"script": str|None, "credit": int, "heartbeat": s, "name": str, "pid": int}
+W_RESULT: Final = 0x14  # {"results": [result, ...]}  (MDP FINAL; each result returns one credit)
+W_HEARTBEAT: Final = 0x15
+W_DISCONNECT: Final = 0x16
+
+# router -> peer
+R_ACK: Final = 0x21  # {"req", "accepted": [id...], "rejected": [{"id", "error"}]}
+R_RESULT: Final = 0x22  # {"results": [{"id", "status", "result"|"error"}]}
+R_REPLY: Final = 0x23  # {"req", ...}
+R_JOBS: Final = 0x24  # {"jobs": [{"id", "attempt", "script", "args", "timeout"}]}
+R_HEARTBEAT: Final = 0x25
+R_DISCONNECT: Final = 0x26  # {"reason"}: the worker must reconnect and send READY again
+R_ERROR: Final = 0x2F  # {"req"?, "error": "one readable line"}
+
+# Paranoid Pirate defaults (ZeroMQ Guide ch. 4, 6/PPP).
+HEARTBEAT_INTERVAL: Final = 1.0  # seconds
+HEARTBEAT_LIVENESS: Final = 3  # missed intervals before a peer is declared dead
+RECONNECT_INITIAL: Final = 1.0  # seconds, doubled up to RECONNECT_MAX, plus jitter
+RECONNECT_MAX: Final = 32.0
+
+MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024  # bytes; router MAXMSGSIZE
+DEFAULT_ADDRESS: Final = "tcp://127.0.0.1:5555"
+
+
+def header(kind: bytes, command: int) -> bytes:
+    """Return the 5-byte header frame for ``kind`` (e.g. :data:`ROUTER`) and ``command``."""
+    return kind + bytes((command,))
+
+
+# Pre-built headers for the hot path (avoid building them per message).
+H_ACK: Final = header(ROUTER, R_ACK)
+H_RESULT: Final = header(ROUTER, R_RESULT)
+H_REPLY: Final = header(ROUTER, R_REPLY)
+H_JOBS: Final = header(ROUTER, R_JOBS)
+H_R_HEARTBEAT: Final = header(ROUTER, R_HEARTBEAT)
+H_R_DISCONNECT: Final = header(ROUTER, R_DISCONNECT)
+H_ERROR: Final = header(ROUTER, R_ERROR)
+H_W_READY: Final = header(WORKER, W_READY)
+H_W_RESULT: Final = header(WORKER, W_RESULT)
+H_W_HEARTBEAT: Final = header(WORKER, W_HEARTBEAT)
+H_W_DISCONNECT: Final = header(WORKER, W_DISCONNECT)
+
+
+def configure_peer_socket(sock: "object", identity: bytes, linger_ms: int = 500) -> None:
+    """Apply the DEALER options every zmqrun client and worker uses.
+
+    - ROUTING_ID: a stable identity so the router (ROUTER_HANDOVER) can route
+      to a peer that reconnected.
+    - IMMEDIATE: nothing queues toward an absent router; the application owns
+      resends and timeouts.
+    - LINGER: bounded, so closing never hangs on unsent messages (S8).
+    - TCP keepalive: idle NAT/conntrack drops are noticed by the kernel.
+    """
+    import zmq
+
+    sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)

@@ -1,0 +1,240 @@
+"""Router-side job state and dispatch policy, with no sockets.
+
+:class:`JobQueue` holds live jobs (queued, scheduled and running) in memory;
+the router loop calls it and turns its decisions into messages and log
+records.  Dispatch order: due jobs (``scheduled_for <= now``) by priority
+(higher first), then ``scheduled_for``, then submission order, to the worker
+serving the script with the most free credit (least-loaded, LRU on ties:
+ipyparallel's ``leastload``).  Dedicated workers for a script are preferred to
+normal (any-script) workers; a normal worker takes the best due job of any
+script.  Credit-based flow control (ZeroMQ Guide ch. 7): a worker never holds
+more jobs than the credit it announced in READY.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import QUEUED, RUNNING
+
+
+class Job:
+    """A live or finished job as the router keeps it (times are epoch seconds)."""
+
+    __slots__ = ("id", "script", "args", "priority", "scheduled_for", "timeout", "created_at",
+                 "started_at", "finished_at", "worker", "attempts", "status", "result", "error",
+                 "logs", "order", "watchers", "submit_seq")
+
+    def __init__(self, id: str, script: str, args: Any, priority: int, scheduled_for: float,
+                 timeout: float | None, created_at: float, order: int) -> None:
+        self.id = id
+        self.script = script
+        self.args = args
+        self.priority = priority
+        self.scheduled_for = scheduled_for
+        self.timeout = timeout
+        self.created_at = created_at
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.worker: str | None = None
+        self.attempts = 0
+        self.status = QUEUED
+        self.result: Any = None
+        self.error: dict[str, Any] | None = None
+        self.logs = ""
+        self.order = order
+        self.watchers: set[bytes] | None = None  # client identities to push the result to
+        self.submit_seq = 0  # log sequence number of the SUBMIT record
+
+    def wire(self) -> dict[str, Any]:
+        """Every field as a JSON-ready dict (times as epoch seconds)."""
+        return {
+            "id": self.id, "script": self.script, "args": self.args, "priority": self.priority,
+            "scheduled_for": self.scheduled_for, "timeout": self.timeout, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at, "worker": self.worker,
+            "attempts": self.attempts, "status": self.status, "result": self.result,
+            "error": self.error, "logs": self.logs,
+        }
+
+    def outcome(self) -> dict[str, Any]:
+        """The compact result pushed to waiting clients."""
+        if self.error is not None:
+            return {"id": self.id, "status": self.status, "error": self.error}
+        return {"id": self.id, "status": self.status, "result": self.result}
+
+
+@dataclass
+class WorkerSlot:
+    """What the router knows of one registered worker."""
+
+    identity: bytes
+    name: str
+    script: str | None  # None: a normal worker that serves any script
+    credit: int  # total slots announced in READY
+    heartbeat: float  # seconds between heartbeats it promised
+    expires_at: float  # monotonic deadline: last message + heartbeat x liveness
+    in_flight: dict[str, int] = field(default_factory=dict)  # job id -> attempt
+    last_dispatch: int = 0  # LRU tie-break counter
+
+    @property
+    def free(self) -> int:
+        """Slots this worker can take now."""
+        return self.credit - len(self.in_flight)
+
+
+class JobQueue:
+    """Queued, scheduled and running jobs plus the registered workers; decides dispatch.
+
+    Not thread-safe; owned by the router loop.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}  # live jobs: queued (due or scheduled) and running
+        self._ready: dict[str, list[tuple[int, float, int, str]]] = {}  # script -> heap
+        self._scheduled: list[tuple[float, int, str]] = []  # heap of (scheduled_for, order, id)
+        self.workers: dict[bytes, WorkerSlot] = {}
+        self._order = itertools.count(1)
+        self._lru = itertools.count(1)
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def next_order(self) -> int:
+        """A new submission-order number."""
+        return next(self._order)
+
+    def add(self, job: Job, now: float) -> None:
+        """Queue ``job`` (status queued): ready if due at ``now``, else scheduled."""
+        job.status = QUEUED
+        self.jobs[job.id] = job
+        if job.scheduled_for <= now:
+            heapq.heappush(self._ready.setdefault(job.script, []),
+                           (-job.priority, job.scheduled_for, job.order, job.id))
+        else:
+            heapq.heappush(self._scheduled, (job.scheduled_for, job.order, job.id))
+
+    def remove(self, job_id: str) -> Job | None:
+        """Forget a live job (finished or canceled); heaps drop stale entries lazily."""
+        return self.jobs.pop(job_id, None)
+
+    def promote_due(self, now: float) -> float | None:
+        """Move scheduled jobs that are due at ``now`` to the ready heaps; return the next due time or None."""
+        sched = self._scheduled
+        while sched and sched[0][0] <= now:
+            _, _, jid = heapq.heappop(sched)
+            job = self.jobs.get(jid)
+            if job is not None and job.status == QUEUED:
+                heapq.heappush(self._ready.setdefault(job.script, []),
+                               (-job.priority, job.scheduled_for, job.order, job.id))
+        return sched[0][0] if sched else None
+
+    def counts(self, now: float) -> dict[str, int]:
+        """Numbers of queued (due), scheduled (not yet due) and running jobs."""
+        c = {"queued": 0, "scheduled": 0, "running": 0}
+        for j in self.jobs.values():
+            if j.status == RUNNING:
+                c["running"] += 1
+            elif j.scheduled_for > now:
+                c["scheduled"] += 1
+            else:
+                c["queued"] += 1
+        return c
+
+    # -- workers ------------------------------------------------------------------------
+
+    def add_worker(self, w: WorkerSlot) -> None:
+        """Register a worker (after its READY)."""
+        self.workers[w.identity] = w
+
+    def remove_worker(self, identity: bytes, now: float) -> list[Job]:
+        """Deregister a worker; its running jobs go back to the queue. Returns those jobs."""
+        w = self.workers.pop(identity, None)
+        if w is None:
+            return []
+        back = []
+        for jid in w.in_flight:
+            job = self.jobs.get(jid)
+            if job is not None and job.status == RUNNING:
+                job.worker = None
+                self.add(job, now)
+                back.append(job)
+        return back
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def _pop_due(self, heap: list[tuple[int, float, int, str]]) -> Job | None:
+        while heap:
+            jid = heapq.heappop(heap)[3]
+            job = self.jobs.get(jid)
+            if job is not None and job.status == QUEUED:
+                return job
+        return None
+
+    def _peek_due(self, heap: list[tuple[int, float, int, str]]) -> tuple[int, float, int, str] | None:
+        while heap:
+            job = self.jobs.get(heap[0][3])
+            if job is not None and job.status == QUEUED:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def dispatch(self, now: float) -> list[tuple[WorkerSlot, list[Job]]]:
+        """Assign due jobs to workers with free credit; mark them running.
+
+        Returns [(worker, jobs)], one entry per worker that got jobs.  The caller
+        bumps nothing: ``attempts``, ``worker``, ``started_at`` and the worker's
+        ``in_flight`` are set here.
+        """
+        if not self.workers:
+            return []
+        out: dict[bytes, tuple[WorkerSlot, list[Job]]] = {}
+        dedicated: dict[str, list[WorkerSlot]] = {}
+        normal: list[WorkerSlot] = []
+        for w in self.workers.values():
+            if w.free > 0:
+                if w.script is None:
+                    normal.append(w)
+                else:
+                    dedicated.setdefault(w.script, []).append(w)
+        # Dedicated workers first: each takes jobs of its own script.
+        for script, ws in dedicated.items():
+            heap = self._ready.get(script)
+            if heap:
+                self._fill(ws, lambda h=heap: self._pop_due(h), now, out)
+        # Normal workers take the best due job of any script.
+        if normal:
+            self._fill(normal, self._pop_best_any, now, out)
+        return list(out.values())
+
+    def _pop_best_any(self) -> Job | None:
+        best = None
+        best_heap = None
+        for heap in self._ready.values():
+            top = self._peek_due(heap)
+            if top is not None and (best is None or top < best):
+                best, best_heap = top, heap
+        return self._pop_due(best_heap) if best_heap is not None else None
+
+    def _fill(self, ws: list[WorkerSlot], pop, now: float, out: dict) -> None:
+        # Least-loaded first, LRU on ties; one job at a time so load spreads evenly.
+        while True:
+            free = [w for w in ws if w.free > 0]
+            if not free:
+                return
+            w = min(free, key=lambda w: (len(w.in_flight) / w.credit, w.last_dispatch))
+            job = pop()
+            if job is None:
+                return
+            job.status = RUNNING
+            job.attempts += 1
+            job.worker = w.name
+            job.started_at = now
+            w.in_flight[job.id] = job.attempts
+            w.last_dispatch = next(self._lru)
+            entry = out.get(w.identity)
+            if entry is None:
+                out[w.identity] = (w, [job])
+            else:
+                entry[1].append(job)

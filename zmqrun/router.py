@@ -1,0 +1,655 @@
+"""The zmqrun router: one ROUTER endpoint for clients and workers (Majordomo, ZeroMQ Guide ch. 4).
+
+It owns the job queue, dispatches due jobs to workers with free credit, and
+appends every state change to the job log (:mod:`zmqrun.joblog`) before
+acknowledging it.  The loop is a blocking ``zmq.Poller`` on the ROUTER socket
+and the log writer's notify pipe; each wake-up drains the socket until EAGAIN,
+so one log batch and one dispatch pass serve every message that arrived.
+
+Durability and ordering:
+
+- A client's SUBMIT is acknowledged (ACK) only once its SUBMIT record is
+  durable for the fsync mode (``always``: after fdatasync).  Outgoing messages
+  that wait for durability sit in a FIFO gated by log sequence number.
+- Dispatch to a worker is *not* gated: the worker runs while the sync is in
+  flight (the sync overlaps the worker hop).  A job that runs but whose SUBMIT
+  never became durable was never acknowledged, so nothing acknowledged is lost.
+- A result is pushed to waiting clients once the job's SUBMIT is durable, not
+  its FINISH record: after a power loss (or a kill -9 before the write) in that
+  window, the job runs again on restart.  This is the at-least-once contract.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+
+from . import protocol as P
+from .joblog import CANCEL, DISPATCH, FINISH, REQUEUE, SUBMIT, FsyncPolicy, JobLog
+from .model import CANCELED, FAILURE, FINISHED, QUEUED, RUNNING, STATUSES, SUCCESS, valid_job_id
+from .queue import Job, JobQueue, WorkerSlot
+
+log = logging.getLogger("zmqrun.router")
+
+DEFAULT_MAX_ATTEMPTS = 3
+MAX_DRAIN = 5000  # messages handled per wake-up before the loop services the log and timers
+
+
+class BadRequest(ValueError):
+    """A client request that is well-framed but invalid; its text goes back to the client."""
+
+
+def normalize_job(raw: Any, now: float) -> dict[str, Any]:
+    """Validate one submitted job dict and return its canonical form; raise BadRequest with one readable line.
+
+    Input keys: ``id`` (str), ``script`` (str), ``args`` (object or null),
+    ``priority`` (int), ``scheduled_for`` (epoch seconds or null), ``delay``
+    (seconds or null, relative to the router's clock), ``timeout`` (seconds or null).
+    """
+    if not isinstance(raw, dict):
+        raise BadRequest("each job must be a JSON object")
+    jid = raw.get("id")
+    if not valid_job_id(jid):
+        raise BadRequest(f"invalid job id {jid!r}")
+    script = raw.get("script")
+    if not isinstance(script, str) or not script.strip() or len(script) > 1024:
+        raise BadRequest("script must be a non-empty string (package.module:function or path/file.py:function)")
+    args = raw.get("args")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise BadRequest("args must be a JSON object (passed as keyword arguments)")
+    priority = raw.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise BadRequest("priority must be an integer")
+    sched = raw.get("scheduled_for")
+    delay = raw.get("delay")
+    if sched is not None and (not isinstance(sched, (int, float)) or isinstance(sched, bool)):
+        raise BadRequest("scheduled_for must be epoch seconds")
+    if delay is not None:
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+            raise BadRequest("delay must be a non-negative number of seconds")
+        sched = now + delay
+    timeout = raw.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+        raise BadRequest("timeout must be a positive number of seconds")
+    return {"id": jid, "script": script, "args": args, "priority": priority,
+            "scheduled_for": float(sched) if sched is not None else now, "timeout": timeout,
+            "created_at": now}
+
+
+class Router:
+    """The router process state: socket, queue, archive and log.
+
+    ``bind``: a ZeroMQ endpoint (tcp://127.0.0.1:5555, ipc://...).  ``data_dir``:
+    where the log lives.  ``heartbeat`` (seconds) x ``liveness`` bounds how long
+    a silent worker is kept.  Raises :class:`zmqrun.joblog.LogCorruption` or
+    :class:`zmqrun.joblog.LogLocked` on start if the log cannot be used.
+    """
+
+    def __init__(self, bind: str, data_dir: str | os.PathLike[str], fsync: str | FsyncPolicy = "always",
+                 heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE) -> None:
+        self.bind = bind
+        self.data_dir = Path(data_dir)
+        self.policy = fsync if isinstance(fsync, FsyncPolicy) else FsyncPolicy.parse(fsync)
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.max_attempts = max_attempts
+        self.max_message_size = max_message_size
+        self.queue = JobQueue()
+        self.archive: dict[str, Job] = {}  # finished jobs by id
+        self.log = JobLog(self.data_dir, self.policy)
+        self._gated: collections.deque[tuple[int, bytes, list[bytes]]] = collections.deque()
+        self._running = False
+        self._dirty = False
+        self.ctx: zmq.Context | None = None
+        self.sock: zmq.Socket | None = None
+        self.endpoint = bind
+        self.stats = collections.Counter()
+
+    # -- recovery -----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Rebuild the queue and archive by replaying the log (see module docstring of joblog)."""
+        jobs = self.queue.jobs
+        n = 0
+        for _seq, rtype, payload in self.log.recover():
+            n += 1
+            rec = orjson.loads(payload)
+            if rtype == SUBMIT:
+                for d in rec["jobs"]:
+                    if d["id"] not in jobs and d["id"] not in self.archive:
+                        job = self._job_from(d)
+                        job.submit_seq = _seq
+                        jobs[job.id] = job
+            elif rtype == DISPATCH:
+                for jid, attempt in rec["jobs"]:
+                    job = jobs.get(jid)
+                    if job is not None:
+                        job.status, job.attempts, job.worker, job.started_at = RUNNING, attempt, rec["worker"], rec["at"]
+            elif rtype == FINISH:
+                for r in rec["results"]:
+                    job = jobs.get(r.get("id")) if isinstance(r, dict) else None
+                    if job is not None and job.status == RUNNING and r.get("attempt") == job.attempts:
+                        self._apply_result(job, r)
+                        self.archive[job.id] = jobs.pop(job.id)
+            elif rtype == CANCEL:
+                job = jobs.get(rec["id"])
+                if job is not None:
+                    self._apply_cancel(job, rec)
+                    self.archive[job.id] = jobs.pop(job.id)
+            elif rtype == REQUEUE:
+                for jid, attempt, reason in rec["jobs"]:
+                    job = jobs.get(jid)
+                    if job is not None and job.attempts == attempt:
+                        if rec.get("final"):
+                            self._apply_lost(job, reason, rec["at"])
+                            self.archive[job.id] = jobs.pop(job.id)
+                        else:
+                            job.status, job.worker = QUEUED, None
+        now = time.time()
+        live = sorted(jobs.values(), key=lambda j: j.submit_seq)
+        jobs.clear()
+        requeued = 0
+        for job in live:
+            if job.status == RUNNING:
+                requeued += 1
+            job.order = self.queue.next_order()
+            self.queue.add(job, now)
+        if n:
+            log.info("recovered %d log records: %d live jobs (%d were running, requeued), %d finished",
+                     n, len(live), requeued, len(self.archive))
+
+    @staticmethod
+    def _job_from(d: dict[str, Any]) -> Job:
+        return Job(d["id"], d["script"], d["args"], d["priority"], d["scheduled_for"], d["timeout"],
+                   d["created_at"], 0)
+
+    # -- state transitions shared by live handling and replay ---------------------------
+
+    @staticmethod
+    def _apply_result(job: Job, r: dict[str, Any]) -> None:
+        ok = r.get("status") == SUCCESS
+        job.status = SUCCESS if ok else FAILURE
+        job.result = r.get("result") if ok else None
+        err = r.get("error")
+        job.error = None if ok else (err if isinstance(err, dict) else
+                                     {"type": "WorkerError", "message": "malformed error report", "traceback": ""})
+        job.logs = r.get("logs") or ""
+        job.started_at = r.get("started_at") or job.started_at
+        job.finished_at = r.get("finished_at") or time.time()
+
+    @staticmethod
+    def _apply_cancel(job: Job, rec: dict[str, Any]) -> None:
+        job.status = CANCELED
+        job.finished_at = rec["at"]
+        job.error = {"type": "Canceled", "message": rec.get("reason") or "canceled", "traceback": ""}
+
+    @staticmethod
+    def _apply_lost(job: Job, reason: str, at: float) -> None:
+        job.status = FAILURE
+        job.finished_at = at
+        job.error = {"type": "WorkerLost",
+                     "message": f"{reason}; gave up after {job.attempts} attempts", "traceback": ""}
+
+    # -- socket -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Recover, start the log writer, and bind the ROUTER socket."""
+        self.recover()
+        self.log.start()
+        self.ctx = zmq.Context()
+        s = self.ctx.socket(zmq.ROUTER)
+        # ROUTER_MANDATORY: a send to an unknown or gone peer raises EHOSTUNREACH
+        # instead of being dropped silently (S1), so a dispatch to a dead worker
+        # is re-queued at once.
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # ROUTER_HANDOVER: a peer that reconnects with the same identity takes
+        # over its old pipe instead of being refused (S2); attempts fence stale results.
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # LINGER bounded: close never hangs on an unreachable peer (S8).
+        s.setsockopt(zmq.LINGER, 1000)
+        # MAXMSGSIZE: an oversize message disconnects its sender instead of exhausting memory (S5).
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        # HWM 0: credit bounds what we queue to workers; results to clients are
+        # bounded by what those clients submitted.  A finite HWM would make
+        # libzmq drop or block (EAGAIN) behind our back.
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
+        s.bind(self.bind)
+        self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sock = s
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to finish its current iteration and shut down (signal-safe)."""
+        self._running = False
+
+    def serve(self) -> int:
+        """Run the loop until :meth:`stop` or a log failure; return the process exit code."""
+        if self.sock is None:
+            self.open()
+        assert self.sock is not None
+        sock, jlog = self.sock, self.log
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(jlog.notify_fd, zmq.POLLIN)
+        notify_fd = jlog.notify_fd
+        self._running = True
+        next_beat = time.monotonic() + self.heartbeat
+        log.info("zmqrun router listening on %s (data dir %s, fsync %s)", self.endpoint, self.data_dir,
+                 self.policy.mode)
+        code = 0
+        while self._running:
+            now = time.time()
+            next_due = self.queue.promote_due(now)
+            wait = next_beat - time.monotonic()
+            if next_due is not None:
+                wait = min(wait, next_due - now)
+            try:
+                events = poller.poll(max(0, int(wait * 1000) + 1))
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EINTR:
+                    continue
+                raise
+            for what, _ in events:
+                if what is sock:
+                    self._drain(sock)
+                elif what == notify_fd:
+                    jlog.drain_notify()
+            if jlog.failure is not None:
+                code = self._fail_log()
+                break
+            if self._dirty:
+                self._dirty = False
+                self._dispatch(time.time())
+            jlog.kick()
+            if self._gated:
+                self._flush_gated()
+            mono = time.monotonic()
+            if mono >= next_beat:
+                self._beat(mono)
+                next_beat = mono + self.heartbeat
+        self._shutdown()
+        return code
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        recv = sock.recv_multipart
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames)
+        self._dirty = True  # more may be waiting; the next poll returns at once
+
+    def _shutdown(self) -> None:
+        log.info("router stopping: flushing the job log")
+        self.log.close()
+        if self.log.failure is None:
+            self.log.durable_seq = self.log.last_seq
+            self._flush_gated()
+        if self.sock is not None:
+            self.sock.close(linger=500)
+        if self.ctx is not None:
+            self.ctx.term()
+
+    def _fail_log(self) -> int:
+        err = f"job log failed ({self.log.failure}); the router accepts no more work and stops"
+        log.error(err)
+        for _seq, ident, frames in self._gated:
+            if frames[0] == P.H_ACK:
+                req = orjson.loads(frames[1]).get("req")
+                self._send(ident, [P.H_ERROR, orjson.dumps({"req": req, "error": err})])
+        self._gated.clear()
+        return 3
+
+    # -- sending ------------------------------------------------------------------------
+
+    def _send(self, ident: bytes, frames: list[bytes]) -> bool:
+        """Send now; False if the peer is gone (ROUTER_MANDATORY raised EHOSTUNREACH)."""
+        try:
+            self.sock.send_multipart([ident, *frames], zmq.NOBLOCK)  # type: ignore[union-attr]
+            return True
+        except zmq.ZMQError as e:
+            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                return False
+            raise
+
+    def _send_gated(self, seq: int, ident: bytes, frames: list[bytes]) -> None:
+        """Send once log record ``seq`` is durable; keep FIFO order with earlier gated sends."""
+        if not self._gated and seq <= self.log.durable_seq:
+            self._send(ident, frames)
+        else:
+            self._gated.append((seq, ident, frames))
+
+    def _flush_gated(self) -> None:
+        durable = self.log.durable_seq
+        gated = self._gated
+        while gated and gated[0][0] <= durable:
+            _, ident, frames = gated.popleft()
+            self._send(ident, frames)
+
+    # -- message handling ---------------------------------------------------------------
+
+    def _handle(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        if len(frames) < 2 or len(frames[1]) != 5:
+            self.stats["malformed"] += 1
+            self._error(ident, None, "malformed message: expected [header(5 bytes), body] frames")
+            return
+        head = frames[1]
+        kind, cmd = head[:4], head[4]
+        body = frames[2] if len(frames) > 2 else b""
+        try:
+            if kind == P.WORKER:
+                self._worker_msg(ident, cmd, body)
+            elif kind == P.CLIENT:
+                self._client_msg(ident, cmd, body)
+            elif kind[:3] in (P.WORKER[:3], P.CLIENT[:3]):
+                self._error(ident, None, f"protocol version mismatch: this router speaks {P.CLIENT.decode()} "
+                                         f"and {P.WORKER.decode()}, the peer sent {kind!r}; upgrade the peer or the router")
+            else:
+                self._error(ident, None, "malformed message: unknown peer kind (not a zmqrun client or worker)")
+        except (BadRequest, orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            self.stats["bad_request"] += 1
+            req = None
+            try:
+                req = orjson.loads(body).get("req")
+            except Exception:  # noqa: BLE001 - best effort to echo the request id
+                pass
+            self._error(ident, req, f"bad request: {e}" if not isinstance(e, BadRequest) else str(e))
+
+    def _error(self, ident: bytes, req: Any, text: str) -> None:
+        self._send(ident, [P.H_ERROR, orjson.dumps({"req": req, "error": text})])
+
+    # client commands
+
+    def _client_msg(self, ident: bytes, cmd: int, body: bytes) -> None:
+        msg = orjson.loads(body)
+        if not isinstance(msg, dict):
+            raise BadRequest("request body must be a JSON object")
+        req = msg.get("req")
+        if cmd == P.C_SUBMIT:
+            self._submit(ident, req, msg)
+        elif cmd == P.C_WAIT:
+            self._wait(ident, req, msg.get("ids") or [])
+        elif cmd == P.C_GET:
+            job = self._find(msg.get("id"))
+            self._reply(ident, req, {"job": job.wire() if job is not None else None})
+        elif cmd == P.C_LIST:
+            self._list(ident, req, msg)
+        elif cmd == P.C_CANCEL:
+            self._cancel(ident, req, msg.get("id"), msg.get("reason") or "canceled by client")
+        elif cmd == P.C_STATUS:
+            self._reply(ident, req, self.status())
+        else:
+            raise BadRequest(f"unknown client command {cmd:#04x}")
+
+    def _reply(self, ident: bytes, req: Any, payload: dict[str, Any]) -> None:
+        payload["req"] = req
+        self._send(ident, [P.H_REPLY, orjson.dumps(payload)])
+
+    def _find(self, jid: Any) -> Job | None:
+        if not isinstance(jid, str):
+            raise BadRequest("job id must be a string")
+        return self.queue.jobs.get(jid) or self.archive.get(jid)
+
+    def _submit(self, ident: bytes, req: Any, msg: dict[str, Any]) -> None:
+        raw_jobs = msg.get("jobs")
+        if not isinstance(raw_jobs, list) or not raw_jobs:
+            raise BadRequest("submit needs a non-empty list of jobs")
+        notify = bool(msg.get("notify", True))
+        now = time.time()
+        accepted: list[str] = []
+        rejected: list[dict[str, Any]] = []
+        fresh: list[dict[str, Any]] = []
+        new_jobs: list[Job] = []
+        known: list[Job] = []
+        queue = self.queue
+        for raw in raw_jobs:
+            try:
+                d = normalize_job(raw, now)
+            except BadRequest as e:
+                rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": str(e)})
+                continue
+            existing = queue.jobs.get(d["id"]) or self.archive.get(d["id"])
+            if existing is not None:
+                known.append(existing)  # idempotent resubmit: same id, no second job
+            else:
+                job = self._job_from(d)
+                job.order = queue.next_order()
+                new_jobs.append(job)
+                fresh.append(d)
+            accepted.append(d["id"])
+        seq = self.log.last_seq
+        if fresh:
+            seq = self.log.append(SUBMIT, orjson.dumps({"at": now, "jobs": fresh}))
+            for job in new_jobs:
+                job.submit_seq = seq
+                if notify:
+                    job.watchers = {ident}
+                queue.add(job, now)
+            self._dirty = True
+        if notify:
+            for job in known:
+                self._watch(ident, job)
+        self._send_gated(seq, ident, [P.H_ACK, orjson.dumps({"req": req, "accepted": accepted, "rejected": rejected})])
+
+    def _watch(self, ident: bytes, job: Job) -> None:
+        if job.status in FINISHED:
+            self._send_gated(job.submit_seq, ident, [P.H_RESULT, orjson.dumps({"results": [job.outcome()]})])
+        elif job.watchers is None:
+            job.watchers = {ident}
+        else:
+            job.watchers.add(ident)
+
+    def _wait(self, ident: bytes, req: Any, ids: list[Any]) -> None:
+        unknown = []
+        for jid in ids:
+            job = self._find(jid)
+            if job is None:
+                unknown.append(jid)
+            else:
+                self._watch(ident, job)
+        self._reply(ident, req, {"unknown": unknown})
+
+    def _list(self, ident: bytes, req: Any, msg: dict[str, Any]) -> None:
+        status, script, limit = msg.get("status"), msg.get("script"), msg.get("limit") or 50
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        if not isinstance(limit, int) or limit <= 0:
+            raise BadRequest("limit must be a positive integer")
+        out = []
+        # Newest first: ids are time-ordered UUIDv7, so reverse insertion order of both maps.
+        for source in (self.queue.jobs, self.archive):
+            for job in sorted(source.values(), key=lambda j: j.created_at, reverse=True):
+                if (status is None or job.status == status) and (script is None or job.script == script):
+                    d = job.wire()
+                    d.pop("logs")
+                    d.pop("args")
+                    out.append(d)
+        out.sort(key=lambda d: d["created_at"], reverse=True)
+        self._reply(ident, req, {"jobs": out[:limit]})
+
+    def _cancel(self, ident: bytes, req: Any, jid: Any, reason: str) -> None:
+        job = self._find(jid)
+        if job is None:
+            self._reply(ident, req, {"canceled": False, "status": None, "message": f"no job {jid}"})
+            return
+        if job.status in FINISHED:
+            self._reply(ident, req, {"canceled": False, "status": job.status,
+                                     "message": f"job already finished ({job.status})"})
+            return
+        if job.status == RUNNING:
+            self._reply(ident, req, {"canceled": False, "status": job.status,
+                                     "message": "job is already running on "
+                                                f"{job.worker}; interrupting running jobs is not supported yet"})
+            return
+        now = time.time()
+        rec = {"at": now, "id": job.id, "reason": reason}
+        seq = self.log.append(CANCEL, orjson.dumps(rec))
+        self._apply_cancel(job, rec)
+        self._finish_batch([job])
+        self._send_gated(seq, ident, [P.H_REPLY, orjson.dumps({"req": req, "canceled": True, "status": CANCELED,
+                                                               "message": "canceled"})])
+
+    def status(self) -> dict[str, Any]:
+        """Workers (name, script, credit, in_flight) and job counts, for ``zmqrun status``."""
+        now, mono = time.time(), time.monotonic()
+        counts = self.queue.counts(now)
+        counts["finished"] = len(self.archive)
+        by_script: dict[str, int] = collections.Counter(
+            j.script for j in self.queue.jobs.values() if j.status == QUEUED)
+        return {
+            "workers": [{"name": w.name, "script": w.script, "credit": w.credit, "in_flight": len(w.in_flight),
+                         "expires_in": round(w.expires_at - mono, 3)} for w in self.queue.workers.values()],
+            "counts": counts, "queued_by_script": dict(by_script), "endpoint": self.endpoint,
+            "fsync": self.policy.mode, "pid": os.getpid(),
+        }
+
+    # worker commands
+
+    def _worker_msg(self, ident: bytes, cmd: int, body: bytes) -> None:
+        w = self.queue.workers.get(ident)
+        if cmd == P.W_READY:
+            self._ready(ident, orjson.loads(body))
+            return
+        if w is None:
+            # MDP: an unknown worker (e.g. the router restarted) is told to reconnect and send READY.
+            if cmd != P.W_DISCONNECT:
+                self._send(ident, [P.H_R_DISCONNECT, b'{"reason":"not registered; send READY"}'])
+            return
+        w.expires_at = time.monotonic() + w.heartbeat * self.liveness
+        if cmd == P.W_RESULT:
+            self._results(w, body)
+        elif cmd == P.W_HEARTBEAT:
+            pass
+        elif cmd == P.W_DISCONNECT:
+            self._lose_worker(ident, "worker disconnected")
+        else:
+            self._send(ident, [P.H_R_DISCONNECT, b'{"reason":"unexpected command"}'])
+            self._lose_worker(ident, "worker sent an unexpected command")
+
+    def _ready(self, ident: bytes, msg: Any) -> None:
+        if not isinstance(msg, dict):
+            raise BadRequest("READY body must be a JSON object")
+        script, credit, beat = msg.get("script"), msg.get("credit"), msg.get("heartbeat", self.heartbeat)
+        if script is not None and (not isinstance(script, str) or not script):
+            raise BadRequest("READY script must be a string or null")
+        if not isinstance(credit, int) or isinstance(credit, bool) or not 1 <= credit <= 100_000:
+            raise BadRequest("READY credit must be an integer from 1 to 100000")
+        if not isinstance(beat, (int, float)) or not 0.01 <= beat <= 60:
+            raise BadRequest("READY heartbeat must be 0.01 to 60 seconds")
+        if ident in self.queue.workers:
+            self._lose_worker(ident, "worker re-registered")
+        name = str(msg.get("name") or ident.decode("utf-8", "replace"))[:200]
+        self.queue.add_worker(WorkerSlot(ident, name, script, credit, float(beat),
+                                         time.monotonic() + beat * self.liveness))
+        log.info("worker %s ready: %s, credit %d", name, script or "any script (cold path)", credit)
+        self._dirty = True
+
+    def _results(self, w: WorkerSlot, body: bytes) -> None:
+        msg = orjson.loads(body)
+        results = msg.get("results") if isinstance(msg, dict) else None
+        if not isinstance(results, list):
+            raise BadRequest("RESULT body must be {\"results\": [...]}")
+        jobs = self.queue.jobs
+        done: list[Job] = []
+        for r in results:
+            jid = r.get("id") if isinstance(r, dict) else None
+            job = jobs.get(jid) if isinstance(jid, str) else None
+            attempt = w.in_flight.get(jid) if isinstance(jid, str) else None
+            if job is None or attempt is None or r.get("attempt") != attempt or job.attempts != attempt \
+                    or job.status != RUNNING:
+                self.stats["stale_results"] += 1  # a late result of an older attempt: drop it
+                continue
+            del w.in_flight[jid]
+            self._apply_result(job, r)
+            done.append(job)
+        if not done:
+            return
+        # The worker's body is logged as is (no re-encode); replay applies the same attempt check.
+        self.log.append(FINISH, body)
+        self._finish_batch(done)
+        self._dirty = True
+
+    def _finish_batch(self, done: list[Job]) -> None:
+        """Archive finished jobs and push their outcomes to watching clients.
+
+        One message per client carries all of its outcomes.  Each is gated on the
+        job's SUBMIT record (so the ACK goes out first), not on the FINISH record:
+        see the module docstring.
+        """
+        by_client: dict[bytes, tuple[int, list[dict[str, Any]]]] = {}
+        queue_remove, archive = self.queue.remove, self.archive
+        for job in done:
+            queue_remove(job.id)
+            archive[job.id] = job
+            if job.watchers:
+                out = job.outcome()
+                for c in job.watchers:
+                    gate, outs = by_client.get(c, (0, []))
+                    outs.append(out)
+                    by_client[c] = (max(gate, job.submit_seq), outs)
+                job.watchers = None
+        for c, (gate, outs) in by_client.items():
+            self._send_gated(gate, c, [P.H_RESULT, orjson.dumps({"results": outs})])
+
+    def _lose_worker(self, ident: bytes, reason: str) -> None:
+        w = self.queue.workers.get(ident)
+        if w is None:
+            return
+        now = time.time()
+        back = self.queue.remove_worker(ident, now)
+        if not back:
+            return
+        final = [j for j in back if j.attempts >= self.max_attempts]
+        again = [j for j in back if j.attempts < self.max_attempts]
+        why = f"{reason} ({w.name})"
+        if again:
+            self.log.append(REQUEUE, orjson.dumps({"at": now, "jobs": [[j.id, j.attempts, why] for j in again]}))
+            log.warning("%s: %d running job(s) back to the queue", why, len(again))
+        if final:
+            self.log.append(REQUEUE, orjson.dumps(
+                {"at": now, "final": True, "jobs": [[j.id, j.attempts, why] for j in final]}))
+            for j in final:
+                self._apply_lost(j, why, now)
+            self._finish_batch(final)
+        self._dirty = True
+
+    def _dispatch(self, now: float) -> None:
+        for w, jobs in self.queue.dispatch(now):
+            self.log.append(DISPATCH, orjson.dumps(
+                {"at": now, "worker": w.name, "jobs": [[j.id, j.attempts] for j in jobs]}))
+            body = orjson.dumps({"jobs": [{"id": j.id, "attempt": j.attempts, "script": j.script, "args": j.args,
+                                           "timeout": j.timeout} for j in jobs]})
+            if not self._send(w.identity, [P.H_JOBS, body]):
+                self._lose_worker(w.identity, "worker unreachable")
+
+    def _beat(self, mono: float) -> None:
+        for ident, w in list(self.queue.workers.items()):
+            if w.expires_at < mono:
+                self._lose_worker(ident, "worker missed heartbeats")
+                log.warning("worker %s expired (no heartbeat for %.1f s)", w.name, w.heartbeat * self.liveness)
+            elif not self._send(ident, [P.H_R_HEARTBEAT]):
+                self._lose_worker(ident, "worker unreachable")
+
+
+def run_router(bind: str, data_dir: str, fsync: str = "always", **kw: Any) -> int:
+    """Run a router in this process until SIGTERM/SIGINT; return its exit code."""
+    router = Router(bind, data_dir, fsync, **kw)
+    signal.signal(signal.SIGTERM, router.stop)
+    signal.signal(signal.SIGINT, router.stop)
+    router.open()
+    return router.serve()

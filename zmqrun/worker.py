@@ -1,0 +1,360 @@
+"""zmqrun workers: dedicated (warm, one script imported once) and normal (cold, a fresh process per job).
+
+Protocol (Majordomo worker side, ZeroMQ Guide ch. 4; Paranoid Pirate
+heartbeating, 6/PPP): the worker connects a DEALER, sends READY with its script
+(or none: any script) and its credit (free slots = concurrency + prefetch), then
+receives JOBS batches and answers with RESULT batches; each result returns one
+credit.  Heartbeats flow both ways; a router silent for heartbeat x liveness
+seconds, or a DISCONNECT from it, makes the worker close its socket, back off
+(1 s doubling to 32 s, with jitter) and register again.
+
+Execution:
+- Dedicated, concurrency 1: the job runs inline on the loop thread (no thread
+  hop on the hot path).  While it runs, the loop thread hands the socket to a
+  heartbeat thread under a lock (a lock is the memory barrier libzmq asks for
+  when a socket changes threads), so a long Python job does not stop
+  heartbeats.  A job that holds the GIL in one C call for longer than the
+  liveness window can still starve it; see the README.
+- Dedicated, concurrency N > 1: a thread pool of N; output capture is per thread.
+- Normal: each job is ``python -m zmqrun._coldstart`` in a new session, with
+  stdout and stderr merged into the job's logs and the outcome on a separate
+  pipe; the job's timeout kills the process group.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import random
+import signal
+import socket as _socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import orjson
+import zmq
+
+from . import protocol as P
+from .execute import error_report, install_capture, run_captured
+from .scripts import load_function
+
+log = logging.getLogger("zmqrun.worker")
+
+RESULT_FLUSH_COUNT = 256  # results batched per RESULT message under load
+RESULT_FLUSH_SECONDS = 0.002  # ... or after this long, whichever comes first
+DEFAULT_DEDICATED_PREFETCH = 32  # jobs buffered beyond running ones on a warm worker
+
+
+def _result_bytes(job: dict[str, Any], frag: bytes, started: float, finished: float, logs: str) -> bytes:
+    return (b'{"id":' + orjson.dumps(job["id"]) + b',"attempt":' + orjson.dumps(job["attempt"]) + b"," + frag
+            + b',"logs":' + orjson.dumps(logs) + b',"started_at":' + orjson.dumps(started)
+            + b',"finished_at":' + orjson.dumps(finished) + b"}")
+
+
+def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None) -> bytes:
+    """Run one job in a fresh Python process (the cold path); return its encoded result.
+
+    Raises nothing for job-level problems: a crash, a timeout (kills the whole
+    process group) or an unreadable outcome become a failure result.
+    """
+    started = time.time()
+    timeout = job.get("timeout")
+    rfd, wfd = os.pipe()
+    try:
+        proc = subprocess.Popen([python, "-m", "zmqrun._coldstart", str(wfd)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(wfd,),
+                                start_new_session=True, env=env)
+    except OSError as e:
+        os.close(rfd)
+        os.close(wfd)
+        frag = b'"status":"failure","error":' + orjson.dumps(error_report(e))
+        return _result_bytes(job, frag, started, time.time(), "")
+    os.close(wfd)
+    outcome = bytearray()
+    reader = threading.Thread(target=_read_all, args=(rfd, outcome), daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(orjson.dumps({"script": job["script"], "args": job["args"]}), timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, _ = proc.communicate()
+        timed_out = True
+    reader.join(5)
+    logs = out.decode("utf-8", "replace")
+    if timed_out:
+        frag = b'"status":"failure","error":' + orjson.dumps(
+            {"type": "Timeout", "message": f"job exceeded its timeout of {timeout} s and was killed", "traceback": ""})
+    elif outcome:
+        frag = bytes(outcome)
+    else:
+        frag = b'"status":"failure","error":' + orjson.dumps(
+            {"type": "ProcessDied", "message": f"job process exited with code {proc.returncode} before reporting",
+             "traceback": ""})
+    return _result_bytes(job, frag, started, time.time(), logs)
+
+
+def _read_all(fd: int, into: bytearray) -> None:
+    with os.fdopen(fd, "rb") as f:
+        into.extend(f.read())
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+class Worker:
+    """One worker process's runtime.
+
+    ``connect``: the router endpoint.  ``script``: a script spec to serve warm
+    (dedicated worker) or None (normal worker, cold path, any script).
+    ``concurrency``: jobs run at once.  ``prefetch``: extra jobs the router may
+    send ahead (credit = concurrency + prefetch).  ``heartbeat`` in seconds.
+    Raises :class:`zmqrun.scripts.ScriptError` from :meth:`start` if the script
+    cannot be imported (before READY).
+    """
+
+    def __init__(self, connect: str, script: str | None = None, concurrency: int = 1,
+                 prefetch: int | None = None, heartbeat: float = P.HEARTBEAT_INTERVAL,
+                 liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.connect = connect
+        self.script = script
+        self.concurrency = concurrency
+        self.prefetch = prefetch if prefetch is not None else (DEFAULT_DEDICATED_PREFETCH if script else 0)
+        if self.prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
+        self.credit = concurrency + self.prefetch
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        nonce = os.urandom(3).hex()
+        self.name = name or f"w-{_socket.gethostname()}-{os.getpid()}-{nonce}"
+        self.identity = self.name.encode()[:200]
+        self.func: Callable[..., Any] | None = None
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self._sock_lock = threading.Lock()
+        self._in_job = False
+        self._last_send = 0.0
+        self._running = True
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._results: list[bytes] = []
+        self._done: collections.deque[bytes] = collections.deque()  # from pool threads
+        self._active = 0  # jobs running in pool threads
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inline = script is not None and concurrency == 1
+        self.jobs_done = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Import the script (dedicated) and start helpers; raises ScriptError before any READY."""
+        if self.script is not None:
+            self.func = load_function(self.script)
+            install_capture()
+        if not self._inline:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="zmqrun-job")
+        else:
+            threading.Thread(target=self._heartbeat_during_jobs, name="zmqrun-heartbeat", daemon=True).start()
+
+    def stop(self, *_: Any) -> None:
+        """Stop taking jobs; the loop finishes what runs, reports it, sends DISCONNECT and exits."""
+        self._running = False
+
+    def run(self) -> int:
+        """Serve until stopped; reconnect with backoff whenever the router is lost. Returns an exit code."""
+        backoff = P.RECONNECT_INITIAL
+        try:
+            while self._running:
+                outcome = self._session()
+                if outcome == "stopped":
+                    break
+                delay = backoff * (0.5 + random.random())
+                log.warning("router lost (%s); reconnecting in %.1f s", outcome, delay)
+                if outcome == "disconnect":
+                    delay = 0.05  # the router asked us to re-register: it is alive
+                else:
+                    backoff = min(backoff * 2, P.RECONNECT_MAX)
+                end = time.monotonic() + delay
+                while self._running and time.monotonic() < end:
+                    time.sleep(min(0.1, end - time.monotonic()))
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            self.ctx.term()
+        return 0
+
+    # -- one connection -------------------------------------------------------------------
+
+    def _open(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        P.configure_peer_socket(sock, self.identity, linger_ms=1000)
+        sock.connect(self.connect)
+        return sock
+
+    def _send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)  # type: ignore[union-attr]
+        self._last_send = time.monotonic()
+
+    def _session(self) -> str:
+        """One registration: returns 'stopped', 'disconnect' or 'silent'."""
+        self.sock = sock = self._open()
+        self._pending.clear()
+        self._results.clear()
+        ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
+                              "name": self.name, "pid": os.getpid()})
+        # IMMEDIATE=1: READY waits until a connection to the router exists.
+        while self._running and not sock.poll(100, zmq.POLLOUT):
+            pass
+        if not self._running:
+            sock.close(0)
+            return "stopped"
+        self._sock_lock.acquire()
+        try:
+            self._send([P.H_W_READY, ready])
+            log.info("worker %s registered with %s: %s, credit %d", self.name, self.connect,
+                     self.script or "any script (cold path)", self.credit)
+            return self._serve(sock)
+        finally:
+            self._sock_lock.release()
+            sock.close(linger=1000 if not self._running else 1000)
+
+    def _serve(self, sock: zmq.Socket) -> str:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        router_expires = time.monotonic() + self.heartbeat * self.liveness
+        while True:
+            if not self._running and not self._pending and self._active == 0:
+                self._flush()
+                self._send([P.H_W_DISCONNECT])
+                return "stopped"
+            wait = max(0.0, self._last_send + self.heartbeat - time.monotonic())
+            events = dict(poller.poll(int(wait * 1000) + 1 if not self._pending else 0))
+            if sock in events:
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    router_expires = time.monotonic() + self.heartbeat * self.liveness
+                    verdict = self._on_message(frames)
+                    if verdict:
+                        return verdict
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            while self._done:
+                self._results.append(self._done.popleft())
+                self._active -= 1
+            if self._pending and self._running:
+                if self._inline:
+                    self._run_inline()
+                else:
+                    while self._pending and self._active < self.concurrency:
+                        self._active += 1
+                        self._pool.submit(self._run_pooled, self._pending.popleft())  # type: ignore[union-attr]
+            elif self._pending:
+                self._pending.clear()  # stopping: unstarted jobs go back via DISCONNECT
+            if self._results:
+                self._flush()
+            now = time.monotonic()
+            if now - self._last_send >= self.heartbeat:
+                self._send([P.H_W_HEARTBEAT])
+            if now > router_expires:
+                return "silent"
+
+    def _on_message(self, frames: list[bytes]) -> str | None:
+        if len(frames) < 1 or len(frames[0]) != 5 or frames[0][:4] != P.ROUTER:
+            log.warning("ignoring a malformed message from the router")
+            return None
+        cmd = frames[0][4]
+        if cmd == P.R_JOBS:
+            self._pending.extend(orjson.loads(frames[1])["jobs"])
+        elif cmd == P.R_DISCONNECT:
+            return "disconnect"
+        elif cmd == P.R_ERROR:
+            log.error("router error: %s", orjson.loads(frames[1]).get("error"))
+        return None
+
+    def _flush(self) -> None:
+        if self._results:
+            body = b'{"results":[' + b",".join(self._results) + b"]}"
+            self._results.clear()
+            self._send([P.H_W_RESULT, body])
+
+    # -- execution ------------------------------------------------------------------------
+
+    def _run_inline(self) -> None:
+        """Run buffered jobs on this thread; flush results when the buffer empties or a batch fills."""
+        func = self.func
+        first_unflushed = 0.0
+        while self._pending:
+            job = self._pending.popleft()
+            self._in_job = True
+            self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
+            try:
+                frag, started, finished, logs = run_captured(func, job["args"])  # type: ignore[arg-type]
+            finally:
+                self._sock_lock.acquire()
+                self._in_job = False
+            self._results.append(_result_bytes(job, frag, started, finished, logs))
+            self.jobs_done += 1
+            now = time.monotonic()
+            if len(self._results) == 1:
+                first_unflushed = now
+            if len(self._results) >= RESULT_FLUSH_COUNT or now - first_unflushed >= RESULT_FLUSH_SECONDS:
+                self._flush()
+
+    def _run_pooled(self, job: dict[str, Any]) -> None:
+        try:
+            if self.func is not None:
+                frag, started, finished, logs = run_captured(self.func, job["args"])
+                data = _result_bytes(job, frag, started, finished, logs)
+            else:
+                data = run_cold(job)
+        except BaseException as e:  # noqa: BLE001 - never lose a job's report
+            data = _result_bytes(job, b'"status":"failure","error":' + orjson.dumps(error_report(e)),
+                                 time.time(), time.time(), "")
+        self._done.append(data)
+        self.jobs_done += 1
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    def _heartbeat_during_jobs(self) -> None:
+        """Send HEARTBEATs while the loop thread runs a long inline job (it holds no socket then)."""
+        while True:
+            time.sleep(self.heartbeat / 2)
+            if self._in_job and time.monotonic() - self._last_send >= self.heartbeat:
+                with self._sock_lock:
+                    if self._in_job and self.sock is not None:
+                        try:
+                            self.sock.send_multipart([P.H_W_HEARTBEAT], zmq.NOBLOCK)
+                            self._last_send = time.monotonic()
+                        except zmq.ZMQError:
+                            pass
+
+
+def run_worker(connect: str, script: str | None = None, **kw: Any) -> int:
+    """Run a worker in this process until SIGTERM/SIGINT; return its exit code."""
+    w = Worker(connect, script, **kw)
+    w.start()
+    signal.signal(signal.SIGTERM, w.stop)
+    signal.signal(signal.SIGINT, w.stop)
+    return w.run()
