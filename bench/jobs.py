@@ -9,6 +9,7 @@ runtime (via :mod:`bench.jobs_lambda`) and in the Celery/RQ peers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -71,7 +72,7 @@ def transform_record() -> dict[str, Any]:
     }
 
 
-# name -> (script spec for zmqrun, function, default kwargs)
+# Named bench jobs: their keyword arguments, zmqrun script spec and function.
 JOB_ARGS: dict[str, dict[str, Any]] = {
     "noop": {},
     "fibo10": {"n": 10},
@@ -90,5 +91,11 @@ JOB_SCRIPT: dict[str, str] = {
 }
 """zmqrun script spec of each named bench job."""
 
-JOB_FUNC = {"noop": noop, "fibo10": fibo, "fibo33": fibo, "transform": transform, "sleep10ms": sleep}
+JOB_FUNC: dict[str, Callable[..., Any]] = {
+    "noop": noop,
+    "fibo10": fibo,
+    "fibo33": fibo,
+    "transform": transform,
+    "sleep10ms": sleep,
+}
 """Function of each named bench job."""

@@ -45,6 +45,43 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds) for every process in /proc (Linux).
+
+    CPU = user + system of the process plus that of its children already waited for.
+    """
+    out: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            out[int(entry)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / _TICK)
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User+system CPU seconds used so far by each of ``pids`` plus its live descendants."""
+    stats = _proc_stats()
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        kids.setdefault(ppid, []).append(pid)
+    out: dict[int, float] = {}
+    for root in pids:
+        total, todo = 0.0, [root]
+        while todo:
+            p = todo.pop()
+            total += stats.get(p, (0, 0.0))[1]
+            todo += kids.get(p, [])
+        out[root] = total
+    return out
+
+
 class Child:
     """One child process whose output goes to ``log_path``."""
 
@@ -135,6 +172,12 @@ class Children:
         c = Child(name, argv, self.log_dir, env)
         self.children.append(c)
         return c
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each live child (with its live descendants), by name."""
+        live = [c for c in self.children if c.alive()]
+        sec = cpu_seconds([c.pid for c in live])
+        return {c.name: sec[c.pid] for c in live}
 
     def stop_all(self) -> None:
         """Stop every child started here, newest first."""

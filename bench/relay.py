@@ -11,6 +11,8 @@ High-water marks are 0 (unbounded): the client bounds what is in flight.
 from __future__ import annotations
 
 import argparse
+import struct
+import time
 from collections import deque
 
 import zmq
@@ -68,6 +70,57 @@ def run_c(ctx: zmq.Context) -> None:
     front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     print(f"READY front={_bind(front)} back={_bind(back)}", flush=True)
     zmq.proxy(front, back)
+
+
+class RelayClient:
+    """Bench-side DEALER client of the relay: one call in flight, or pipelined with a window."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.seq = 0
+
+    def call(self, body: bytes) -> bytes:
+        """Send one job ``body`` and wait for its result bytes."""
+        self.seq += 1
+        hdr = struct.pack("<Q", self.seq)
+        self.sock.send_multipart([hdr, body])
+        rhdr, result = self.sock.recv_multipart()
+        if rhdr != hdr:
+            raise RuntimeError("relay: reply for another request")
+        return result
+
+    def pipelined(self, body: bytes, n: int, window: int, deadline_s: float) -> tuple[int, float]:
+        """Send ``n`` jobs keeping up to ``window`` in flight; returns (jobs done, seconds)."""
+        sock = self.sock
+        send, recv = sock.send_multipart, sock.recv_multipart
+        sent = done = 0
+        t0 = time.perf_counter()
+        stop_at = t0 + deadline_s
+        while done < n:
+            while sent < n and sent - done < window:
+                send([struct.pack("<Q", sent), body])
+                sent += 1
+            recv()
+            done += 1
+            if not done % 1000 and time.perf_counter() > stop_at:
+                n = sent  # stop sending; drain what is in flight
+        return done, time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Close the socket and context."""
+        self.sock.close(0)
+        self.ctx.term()
+
+    def __enter__(self) -> RelayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def main() -> None:

@@ -130,6 +130,7 @@ class Client:
         self._replies: dict[int, tuple[int, dict[str, Any]]] = {}
         self._outcomes: dict[str, dict[str, Any]] = {}
         self._watching: set[str] = set()
+        self._pending_submits: dict[int, str] = {}  # req -> job id of "ack": false submits
         self._arrived: list[str] = []  # ids whose outcome arrived since last cleared (for map)
         self._closed = False
 
@@ -181,7 +182,13 @@ class Client:
                     self._arrived.append(r["id"])
             elif cmd in (P.R_ACK, P.R_REPLY, P.R_ERROR):
                 req = body.get("req")
-                if isinstance(req, int):
+                jid = self._pending_submits.pop(req, None) if isinstance(req, int) else None
+                if jid is not None:
+                    # A reply to an "ack": false submit only comes when the job was refused.
+                    error = body.get("error") or (body.get("rejected") or [{}])[0].get("error", "rejected")
+                    self._outcomes[jid] = {"id": jid, "status": "rejected",
+                                           "error": {"type": "RequestRejected", "message": str(error)}}
+                elif isinstance(req, int):
                     self._replies[req] = (cmd, body)
                 elif cmd == P.R_ERROR:
                     raise RequestRejected(f"router error: {body.get('error')}")
@@ -250,9 +257,22 @@ class Client:
             **opts: Any) -> Any:
         """Submit one job and wait for its result (``wait_timeout`` seconds, None = no limit).
 
-        Takes the options of :meth:`submit`; raises what :meth:`submit` and :meth:`Job.result` raise.
+        Takes the options of :meth:`submit`; raises what :meth:`submit` and
+        :meth:`Job.result` raise.  The router sends no separate ACK: the result
+        comes only once the job is durable, so it acknowledges the submit too.
         """
-        return self.submit(script, args, **opts).result(wait_timeout)
+        d = self._job_dict(script, args, opts.pop("priority", 0), opts.pop("scheduled_for", None),
+                           opts.pop("delay", None), opts.pop("timeout", None), opts.pop("job_id", None))
+        if opts:
+            raise TypeError(f"run() got unexpected options: {', '.join(opts)}")
+        req = next(self._req)
+        self._send(P.C_SUBMIT, {"req": req, "jobs": [d], "notify": True, "ack": False})
+        self._watching.add(d["id"])
+        self._pending_submits[req] = d["id"]
+        try:
+            return self._wait_results([d["id"]], wait_timeout)[0]
+        finally:
+            self._pending_submits.pop(req, None)
 
     def map(self, script: str, iterable: Iterable[dict[str, Any] | None], *, batch_size: int = 1000,
             window: int = 10_000, priority: int = 0, timeout: float | None = None,
@@ -310,6 +330,8 @@ class Client:
             self._watching.discard(jid)
             if o["status"] == "success":
                 out.append(o.get("result"))
+            elif o["status"] == "rejected":
+                raise RequestRejected(f"job rejected: {o['error']['message']}")
             else:
                 err = JobFailed(jid, o["status"], o.get("error") or {})
                 if not return_exceptions:

@@ -1,4 +1,4 @@
-"""The append-only job log: batch framing, group commit on a writer thread, recovery.
+"""The append-only job log: batch framing, group commit, recovery.
 
 The log is zmqrun's only storage (the queue and the finished-job archive are
 rebuilt from it).  Rules follow ``shared/reference/log-format.md``:
@@ -24,13 +24,19 @@ Two CRCs so that a flipped bit in ``body_len`` is detected as corruption
 instead of being mistaken for a torn tail.  Record lengths are fixed u32
 rather than varints: simpler and faster to parse in Python, 3 bytes dearer.
 
-Write path (group commit): the event loop calls :meth:`JobLog.append` (a deque
-append, no syscall) and :meth:`JobLog.kick` once per loop iteration; the writer
-thread takes every pending record, writes one frame with ``os.write`` and, in
-``always`` mode, ``os.fdatasync`` es it; records that arrive during the sync
-form the next batch.  The writer then advances :attr:`durable_seq` and writes a
-byte to :attr:`notify_fd`, which the router polls.  CPython drops the GIL in
-write and fdatasync, so syncing overlaps the router loop.
+Write path (group commit): the router loop calls :meth:`JobLog.append` (a
+deque append, no syscall) for each record and :meth:`JobLog.flush` once per
+loop iteration, which frames every pending record as one batch, ``os.write`` s
+it and, in ``always`` mode and only if an acknowledgement waits on it,
+``os.fdatasync`` s it: every message drained in that iteration shares the sync.
+The loop sends dispatches to workers *before* it syncs, so the worker runs the
+job while the disk syncs.  Records nobody waits on (DISPATCH, FINISH) are
+written at once and synced by the next sync or within ``lazy_sync`` seconds
+(:meth:`sync_due`).  Each batch is written only after the previous one's sync
+returned, so at most the last batch can be torn.  There is deliberately no
+writer thread: measured here, a thread that syncs or frames fights the loop for
+the GIL at every pyzmq send (~20-25 µs per send instead of ~4) and costs more
+than the inline sync it would hide.
 
 Errors: a failed write or sync is never retried (Linux may mark failed pages
 clean, so a retry can falsely succeed): :attr:`failure` is set, the partial
@@ -44,7 +50,6 @@ import fcntl
 import logging
 import os
 import struct
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -266,8 +271,9 @@ class JobLog:
 
     Use: ``log = JobLog(dir, FsyncPolicy("always"))``; ``for seq, type, payload in
     log.recover(): ...``; ``log.start()``; then ``seq = log.append(type, payload)``
-    and ``log.kick()`` from the owning loop; a record is durable (for the mode)
-    once ``seq <= log.durable_seq``.  ``close()`` flushes and syncs.
+    and ``log.flush(need_durable)`` once per iteration of the owning loop; a
+    record is durable (for the mode) once ``seq <= log.durable_seq``.
+    ``close()`` flushes and syncs.  Not thread-safe: one owner thread.
 
     Raises :class:`LogLocked` if another process holds the dir and
     :class:`LogCorruption` from :meth:`recover` on mid-log damage.
@@ -292,19 +298,11 @@ class JobLog:
         self.failure: BaseException | None = None
         self._fd = -1
         self._seg_size = 0
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._notify_r, self._notify_w = os.pipe()
-        os.set_blocking(self._notify_r, False)
-        os.set_blocking(self._notify_w, False)
+        self._eager_seq = 0  # last record appended with eager=True
+        self._unsynced_since: float | None = None  # monotonic time of the oldest unsynced write
+        self.lazy_sync = 0.01  # seconds an unawaited record may stay unsynced in always mode
         self.batches_written = 0
         self.syncs = 0
-
-    @property
-    def notify_fd(self) -> int:
-        """A file descriptor that becomes readable when durable_seq advances or the log fails."""
-        return self._notify_r
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -356,7 +354,7 @@ class JobLog:
     # -- writing --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the tail segment for appends and start the writer thread."""
+        """Open the tail segment for appends."""
         segments = list_segments(self.dir)
         if segments and segments[-1].stat().st_size < self.segment_bytes:
             path = segments[-1]
@@ -364,15 +362,19 @@ class JobLog:
             self._seg_size = path.stat().st_size
         else:
             self._open_segment(self._seq + 1)
-        self._thread = threading.Thread(target=self._run, name="zmqrun-log-writer", daemon=True)
-        self._thread.start()
 
-    def append(self, rtype: int, payload: bytes) -> int:
-        """Queue one record; return its sequence number.  Call :meth:`kick` to get it written."""
+    def append(self, rtype: int, payload: bytes, eager: bool = False) -> int:
+        """Queue one record; return its sequence number.  :meth:`flush` writes it.
+
+        ``eager``: someone will wait on this record (a SUBMIT or CANCEL), so the
+        next :meth:`flush` syncs it even if no acknowledgement is queued yet.
+        """
         if self.failure is not None:
             raise LogFailed(f"the job log failed and accepts no more writes: {self.failure}")
         self._seq += 1
         self._pending.append((rtype, payload))
+        if eager:
+            self._eager_seq = self._seq
         return self._seq
 
     @property
@@ -380,38 +382,76 @@ class JobLog:
         """The sequence number of the last record appended (durable or not)."""
         return self._seq
 
-    def kick(self) -> None:
-        """Wake the writer thread (cheap; call once per loop iteration after appends)."""
-        if self._pending:
-            self._wake.set()
+    def flush(self, need_durable: bool) -> None:
+        """Write pending records as one batch; sync if someone waits on them (call once per loop iteration).
 
-    def drain_notify(self) -> None:
-        """Consume the wake-up bytes on :attr:`notify_fd`."""
+        ``need_durable``: an acknowledgement waits on a record up to
+        :attr:`last_seq` (or an eager record is unsynced).  In ``always`` mode that costs one fdatasync here, for
+        every record gathered since the last one (group commit); otherwise the
+        batch is written now and synced by the next such call or by
+        :meth:`sync_due` within ``lazy_sync`` seconds.  In ``interval`` and
+        ``never`` modes records count as durable once written.  A failure sets
+        :attr:`failure` and is never retried.
+        """
+        if self.failure is not None:
+            return
         try:
-            while os.read(self._notify_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+            if self._pending:
+                if self._seg_size >= self.segment_bytes:
+                    os.fdatasync(self._fd)
+                    os.close(self._fd)
+                    self._open_segment(self._written_seq + 1)
+                while self._pending:
+                    batch = self._take_batch()
+                    frame = encode_batch(self._written_seq + 1, batch)
+                    self._write_all(frame)
+                    self._seg_size += len(frame)
+                    self._written_seq += len(batch)
+                    self.batches_written += 1
+                if self._unsynced_since is None:
+                    self._unsynced_since = time.monotonic()
+            if self.policy.mode != "always":
+                self.durable_seq = self._written_seq
+            elif (need_durable or self._eager_seq > self.durable_seq) and self.durable_seq < self._written_seq:
+                self._sync()
+        except OSError as e:
+            self._fail(e)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Write and sync everything pending, stop the writer, release the dir lock."""
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def sync_due(self, now: float) -> float | None:
+        """Sync if written records have waited too long; return when the next sync is due (monotonic) or None.
+
+        ``always``: records nobody waits on are synced within ``lazy_sync``
+        seconds.  ``interval``: every ``policy.interval`` seconds.  ``never``: not at all.
+        """
+        if self._unsynced_since is None or self.policy.mode == "never" or self.failure is not None:
+            return None
+        period = self.policy.interval if self.policy.mode == "interval" else self.lazy_sync
+        due = self._unsynced_since + period
+        if now < due:
+            return due
+        try:
+            self._sync()
+        except OSError as e:
+            self._fail(e)
+        return None
+
+    def _sync(self) -> None:
+        os.fdatasync(self._fd)
+        self.syncs += 1
+        self.durable_seq = self._written_seq
+        self._unsynced_since = None
+
+    def close(self) -> None:
+        """Write and sync everything pending, release the dir lock."""
         if self._fd >= 0:
+            self.flush(need_durable=True)
             if self.failure is None:
                 try:
-                    os.fdatasync(self._fd)
+                    self._sync()
                 except OSError as e:
                     self.failure = e
             os.close(self._fd)
             self._fd = -1
-        for fd in (self._notify_r, self._notify_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -438,46 +478,11 @@ class JobLog:
             size += len(rec[1]) + 5
         return batch
 
-    def _run(self) -> None:
-        mode = self.policy.mode
-        interval = self.policy.interval
-        dirty = False
-        last_sync = time.monotonic()
-        try:
-            while True:
-                if not self._pending:
-                    if self._stopping:
-                        break
-                    timeout = interval if (mode == "interval" and dirty) else None
-                    self._wake.wait(timeout)
-                    self._wake.clear()
-                if self._pending:
-                    if self._seg_size >= self.segment_bytes:
-                        os.fdatasync(self._fd)
-                        os.close(self._fd)
-                        self._open_segment(self._written_seq + 1)
-                    batch = self._take_batch()
-                    frame = encode_batch(self._written_seq + 1, batch)
-                    self._write_all(frame)
-                    self._seg_size += len(frame)
-                    self._written_seq += len(batch)
-                    self.batches_written += 1
-                    if mode == "always":
-                        os.fdatasync(self._fd)
-                        self.syncs += 1
-                    else:
-                        dirty = True
-                    self.durable_seq = self._written_seq
-                    self._notify()
-                if mode == "interval" and dirty and time.monotonic() - last_sync >= interval:
-                    os.fdatasync(self._fd)
-                    self.syncs += 1
-                    dirty = False
-                    last_sync = time.monotonic()
-        except BaseException as e:  # noqa: BLE001 - any failure stops writes for good
+    def _fail(self, e: BaseException) -> None:
+        """Record a write or sync failure: never retried, no more writes (see module docstring)."""
+        if self.failure is None:
             self.failure = e
             log.error("job log write failed, accepting no more writes: %s", e)
-            self._notify()
 
     def _write_all(self, frame: bytes) -> None:
         start = self._seg_size
@@ -493,9 +498,3 @@ class JobLog:
             except OSError:
                 pass
             raise
-
-    def _notify(self) -> None:
-        try:
-            os.write(self._notify_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the loop has a wake-up pending anyway

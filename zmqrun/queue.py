@@ -187,7 +187,7 @@ class JobQueue:
         bumps nothing: ``attempts``, ``worker``, ``started_at`` and the worker's
         ``in_flight`` are set here.
         """
-        if not self.workers:
+        if not self.workers or not any(self._ready.values()):
             return []
         out: dict[bytes, tuple[WorkerSlot, list[Job]]] = {}
         dedicated: dict[str, list[WorkerSlot]] = {}
@@ -218,12 +218,17 @@ class JobQueue:
         return self._pop_due(best_heap) if best_heap is not None else None
 
     def _fill(self, ws: list[WorkerSlot], pop, now: float, out: dict) -> None:
-        # Least-loaded first, LRU on ties; one job at a time so load spreads evenly.
+        """Give jobs from ``pop`` to ``ws``: least-loaded first, LRU on ties, one job at a time so load spreads."""
         while True:
-            free = [w for w in ws if w.free > 0]
-            if not free:
-                return
-            w = min(free, key=lambda w: (len(w.in_flight) / w.credit, w.last_dispatch))
+            if len(ws) == 1:
+                w = ws[0]  # the common case: no choice to make, skip the min()
+                if w.free <= 0:
+                    return
+            else:
+                free = [w for w in ws if w.free > 0]
+                if not free:
+                    return
+                w = min(free, key=lambda w: (len(w.in_flight) / w.credit, w.last_dispatch))
             job = pop()
             if job is None:
                 return

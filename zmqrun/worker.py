@@ -204,9 +204,18 @@ class Worker:
         sock.connect(self.connect)
         return sock
 
-    def _send(self, frames: list[bytes]) -> None:
-        self.sock.send_multipart(frames)  # type: ignore[union-attr]
+    def _send(self, frames: list[bytes]) -> bool:
+        """Send without ever blocking; False if there is no connection to the router (IMMEDIATE=1).
+
+        A message that cannot go out is dropped: the router re-queues the jobs
+        of a worker it loses, so nothing is lost, at worst run again.
+        """
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+        except zmq.Again:
+            return False
         self._last_send = time.monotonic()
+        return True
 
     def _session(self) -> str:
         """One registration: returns 'stopped', 'disconnect' or 'silent'."""
