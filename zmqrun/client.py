@@ -22,6 +22,10 @@ from . import protocol as P
 from .model import JobRecord, new_job_id, parse_time
 
 
+_HEADERS = {cmd: P.header(P.CLIENT, cmd) for cmd in (P.C_SUBMIT, P.C_WAIT, P.C_GET, P.C_LIST, P.C_CANCEL,
+                                                      P.C_STATUS)}
+
+
 class ZmqrunError(Exception):
     """Base class of zmqrun's errors."""
 
@@ -126,6 +130,8 @@ class Client:
         ident = f"c-{_socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}".encode()[:200]
         P.configure_peer_socket(self._sock, ident, linger_ms=500)
         self._sock.connect(self.address)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
         self._req = itertools.count(1)
         self._replies: dict[int, tuple[int, dict[str, Any]]] = {}
         self._outcomes: dict[str, dict[str, Any]] = {}
@@ -149,11 +155,11 @@ class Client:
         self.close()
 
     def _send(self, cmd: int, body: dict[str, Any]) -> None:
-        frames = [P.header(P.CLIENT, cmd), orjson.dumps(body)]
+        frames = [_HEADERS[cmd], orjson.dumps(body)]
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK)
+                P.send_frames(self._sock, frames)
                 return
             except zmq.Again:
                 # IMMEDIATE=1: no connection to the router yet.
@@ -165,13 +171,10 @@ class Client:
     def _pump(self, timeout_s: float) -> bool:
         """Receive and file every message that arrives within ``timeout_s``; False if none did."""
         sock = self._sock
-        if not sock.poll(max(0, int(timeout_s * 1000))):
+        if not P.has_input(sock) and not self._poller.poll(max(0, int(timeout_s * 1000))):
             return False
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return True
+        msgs = P.recv_ready(sock, 100_000)
+        for frames in msgs:
             if len(frames) != 2 or len(frames[0]) != 5 or frames[0][:4] != P.ROUTER:
                 continue  # not a router message: ignore
             cmd = frames[0][4]
@@ -192,6 +195,7 @@ class Client:
                     self._replies[req] = (cmd, body)
                 elif cmd == P.R_ERROR:
                     raise RequestRejected(f"router error: {body.get('error')}")
+        return bool(msgs)
 
     def _request(self, cmd: int, body: dict[str, Any]) -> dict[str, Any]:
         req = next(self._req)

@@ -206,7 +206,7 @@ class JobQueue:
         # Normal workers take the best due job of any script.
         if normal:
             self._fill(normal, self._pop_best_any, now, out)
-        return list(out.values())
+        return [entry for entry in out.values() if entry[1]]
 
     def _pop_best_any(self) -> Job | None:
         best = None
@@ -219,27 +219,31 @@ class JobQueue:
 
     def _fill(self, ws: list[WorkerSlot], pop, now: float, out: dict) -> None:
         """Give jobs from ``pop`` to ``ws``: least-loaded first, LRU on ties, one job at a time so load spreads."""
+        lru = self._lru
         while True:
             if len(ws) == 1:
-                w = ws[0]  # the common case: no choice to make, skip the min()
-                if w.free <= 0:
+                w = ws[0]  # the common case: no choice to make, so hand out all its free credit at once
+                n = w.free
+                if n <= 0:
                     return
             else:
                 free = [w for w in ws if w.free > 0]
                 if not free:
                     return
                 w = min(free, key=lambda w: (len(w.in_flight) / w.credit, w.last_dispatch))
-            job = pop()
-            if job is None:
-                return
-            job.status = RUNNING
-            job.attempts += 1
-            job.worker = w.name
-            job.started_at = now
-            w.in_flight[job.id] = job.attempts
-            w.last_dispatch = next(self._lru)
+                n = 1  # one at a time so load spreads evenly
             entry = out.get(w.identity)
             if entry is None:
-                out[w.identity] = (w, [job])
-            else:
-                entry[1].append(job)
+                entry = out[w.identity] = (w, [])
+            given, in_flight, name = entry[1], w.in_flight, w.name
+            for _ in range(n):
+                job = pop()
+                if job is None:
+                    return
+                job.status = RUNNING
+                job.attempts += 1
+                job.worker = name
+                job.started_at = now
+                in_flight[job.id] = job.attempts
+                given.append(job)
+            w.last_dispatch = next(lru)

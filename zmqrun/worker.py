@@ -211,7 +211,7 @@ class Worker:
         of a worker it loses, so nothing is lost, at worst run again.
         """
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+            P.send_frames(self.sock, frames)  # type: ignore[arg-type]
         except zmq.Again:
             return False
         self._last_send = time.monotonic()
@@ -251,14 +251,14 @@ class Worker:
                 self._send([P.H_W_DISCONNECT])
                 return "stopped"
             wait = max(0.0, self._last_send + self.heartbeat - time.monotonic())
-            events = dict(poller.poll(int(wait * 1000) + 1 if not self._pending else 0))
-            if sock in events:
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    router_expires = time.monotonic() + self.heartbeat * self.liveness
+            if self._pending or P.has_input(sock):
+                events = {}
+            else:
+                events = dict(poller.poll(int(wait * 1000) + 1))
+            msgs = P.recv_ready(sock, 10_000)
+            if msgs:
+                router_expires = time.monotonic() + self.heartbeat * self.liveness
+                for frames in msgs:
                     verdict = self._on_message(frames)
                     if verdict:
                         return verdict

@@ -1,0 +1,258 @@
+"""Shared fixtures: free ports, router/worker subprocesses with per-test data dirs, clients, the CLI.
+
+Every process is started here as ``python -m zmqrun ...`` with its output in a
+file under the test's ``tmp_path``, and always stopped by PID at teardown
+(SIGTERM, bounded wait, then SIGKILL).  When a test fails, the output of every
+process it started is attached to the failure report.  Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from zmqrun import Client, RouterUnavailable
+
+FIBO = "zmqrun.examples.demo:fibo"
+WORDS = "zmqrun.examples.demo:words"
+READY_TIMEOUT = 15.0  # seconds to wait for a router or worker to come up
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unused_address() -> str:
+    """A loopback endpoint nobody listens on."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = READY_TIMEOUT, interval: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= end:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ZMQRUN_ADDRESS"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """One ``python -m zmqrun`` subprocess whose stdout and stderr go to ``log_path``."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, cwd: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        with open(log_path, "ab") as out:
+            out.write(f"$ zmqrun {' '.join(args)}\n".encode())
+            out.flush()
+            self.popen = subprocess.Popen([sys.executable, "-m", "zmqrun", *args], stdout=out,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        """SIGKILL by PID and reap."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; return the exit code."""
+        if self.popen.poll() is None:
+            try:
+                self.popen.terminate()
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+class Cluster:
+    """A router and workers for one test, all in ``tmp_path``; see the ``zr`` fixture."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.data_dir = tmp_path / "data"
+        self.address: str | None = None
+        self.procs: list[Proc] = []
+        self.clients: list[Client] = []
+        self.router_proc: Proc | None = None
+        self._n = 0
+
+    # -- processes ------------------------------------------------------------------------
+
+    def spawn(self, name: str, args: list[str], cwd: Path | None = None) -> Proc:
+        self._n += 1
+        p = Proc(name, args, self.tmp / f"{self._n:02d}-{name}.log", cwd or self.tmp, subprocess_env())
+        self.procs.append(p)
+        return p
+
+    def start_router(self, *, data_dir: Path | None = None, heartbeat: float | None = None, fsync: str = "always",
+                     address: str | None = None, extra: tuple[str, ...] = ()) -> Proc:
+        """Start a router (new free port unless ``address`` is given) and wait until it answers."""
+        data_dir = data_dir or self.data_dir
+        for _ in range(3):
+            addr = address or unused_address()
+            args = ["router", "--bind", addr, "--data-dir", str(data_dir), "--fsync", fsync, *extra]
+            if heartbeat is not None:
+                args += ["--heartbeat", str(heartbeat)]
+            p = self.spawn("router", args)
+            self.address = addr
+            with Client(addr, timeout=0.5) as c:
+                end = time.monotonic() + READY_TIMEOUT
+                while time.monotonic() < end and p.alive():
+                    try:
+                        c.status()
+                        self.router_proc = p
+                        return p
+                    except RouterUnavailable:
+                        pass
+            if p.alive():
+                pytest.fail(f"router did not answer within {READY_TIMEOUT:g} s:\n{p.output()}")
+            p.popen.wait(5)
+            if address is not None or "cannot bind" not in p.output():
+                pytest.fail(f"router exited with code {p.popen.returncode}:\n{p.output()}")
+        pytest.fail("could not bind a router to a free port in 3 tries")
+
+    def start_worker(self, script: str | None = None, *, name: str | None = None, concurrency: int = 1,
+                     prefetch: int | None = None, heartbeat: float | None = None, cwd: Path | None = None,
+                     wait: bool = True) -> Proc:
+        """Start a worker (dedicated to ``script``, or normal if None) and wait until the router lists it."""
+        assert self.address, "start the router first"
+        name = name or f"{'warm' if script else 'cold'}-{self._n + 1}"
+        args = ["worker", "--connect", self.address, "--name", name, "--concurrency", str(concurrency)]
+        if script is not None:
+            args += ["--dedicated", script]
+        if prefetch is not None:
+            args += ["--prefetch", str(prefetch)]
+        if heartbeat is not None:
+            args += ["--heartbeat", str(heartbeat)]
+        p = self.spawn(f"worker-{name}", args, cwd)
+        p.worker_name = name  # type: ignore[attr-defined]
+        if wait:
+            self.wait_worker(name, proc=p)
+        return p
+
+    def worker_names(self) -> list[str]:
+        with Client(self.address, timeout=5) as c:
+            return [w["name"] for w in c.status()["workers"]]
+
+    def wait_worker(self, name: str, proc: Proc | None = None, timeout: float = READY_TIMEOUT) -> None:
+        def registered() -> bool:
+            if proc is not None and not proc.alive():
+                pytest.fail(f"worker {name} exited with code {proc.popen.returncode}:\n{proc.output()}")
+            return name in self.worker_names()
+
+        wait_until(registered, timeout, what=f"worker {name} to register")
+
+    # -- clients and CLI ------------------------------------------------------------------
+
+    def client(self, timeout: float = 10.0, address: str | None = None) -> Client:
+        c = Client(address or self.address, timeout=timeout)
+        self.clients.append(c)
+        return c
+
+    def cli(self, *args: str, address: bool = True, env: dict[str, str] | None = None,
+            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m zmqrun ARGS`` (``--address`` appended unless ``address`` is False)."""
+        argv = [sys.executable, "-m", "zmqrun", *args]
+        if address:
+            argv += ["--address", self.address]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=self.tmp,
+                              env=subprocess_env(**(env or {})), stdin=subprocess.DEVNULL)
+        with open(self.tmp / "cli.log", "a") as f:
+            f.write(f"$ {' '.join(argv[2:])}\n[exit {proc.returncode}]\n--- stdout\n{proc.stdout}\n"
+                    f"--- stderr\n{proc.stderr}\n")
+        return proc
+
+    # -- teardown and reporting -----------------------------------------------------------
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.clients.clear()
+        # Workers first, router last; every process by its own PID.
+        for p in reversed(self.procs):
+            p.stop()
+
+    def report(self) -> str:
+        parts = []
+        for p in self.procs:
+            state = "running" if p.alive() else f"exit {p.popen.returncode}"
+            parts.append(f"===== {p.log_path.name} (pid {p.pid}, {state})\n{p.output()[-20000:]}")
+        cli_log = self.tmp / "cli.log"
+        if cli_log.exists():
+            parts.append(f"===== cli.log\n{cli_log.read_text(errors='replace')[-20000:]}")
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def zr(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A per-test :class:`Cluster`; nothing is started until the test asks."""
+    cluster = Cluster(tmp_path)
+    request.node._zmqrun_cluster = cluster
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def router(zr: Cluster) -> Cluster:
+    """A running router (fsync always) in the test's data dir; returns the cluster."""
+    zr.start_router()
+    return zr
+
+
+@pytest.fixture
+def client(router: Cluster) -> Client:
+    """A Client connected to the ``router`` fixture's router."""
+    return router.client()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    cluster = getattr(item, "_zmqrun_cluster", None)
+    if rep.failed and cluster is not None:
+        rep.sections.append(("zmqrun process output", cluster.report()))
+
+
+def write_script(folder: Path, name: str, source: str) -> Path:
+    """Write a job script ``name`` (e.g. ``jobs.py``) into ``folder``; return its path."""
+    path = folder / name
+    path.write_text(source)
+    return path
