@@ -24,6 +24,7 @@ from zmqrun import Client, RouterUnavailable
 FIBO = "zmqrun.examples.demo:fibo"
 WORDS = "zmqrun.examples.demo:words"
 READY_TIMEOUT = 15.0  # seconds to wait for a router or worker to come up
+HEARTBEAT = 0.5  # default --heartbeat for routers and workers here: quick shutdown, no spurious losses
 
 
 def free_port() -> int:
@@ -119,7 +120,7 @@ class Cluster:
         self.procs.append(p)
         return p
 
-    def start_router(self, *, data_dir: Path | None = None, heartbeat: float | None = None, fsync: str = "always",
+    def start_router(self, *, data_dir: Path | None = None, heartbeat: float | None = HEARTBEAT, fsync: str = "always",
                      address: str | None = None, extra: tuple[str, ...] = ()) -> Proc:
         """Start a router (new free port unless ``address`` is given) and wait until it answers."""
         data_dir = data_dir or self.data_dir
@@ -147,7 +148,7 @@ class Cluster:
         pytest.fail("could not bind a router to a free port in 3 tries")
 
     def start_worker(self, script: str | None = None, *, name: str | None = None, concurrency: int = 1,
-                     prefetch: int | None = None, heartbeat: float | None = None, cwd: Path | None = None,
+                     prefetch: int | None = None, heartbeat: float | None = HEARTBEAT, cwd: Path | None = None,
                      wait: bool = True) -> Proc:
         """Start a worker (dedicated to ``script``, or normal if None) and wait until the router lists it."""
         assert self.address, "start the router first"
@@ -203,7 +204,11 @@ class Cluster:
         for c in self.clients:
             c.close()
         self.clients.clear()
-        # Workers first, router last; every process by its own PID.
+        # SIGTERM every process by its own PID (workers first, router last), then wait for each,
+        # SIGKILL after a bounded wait.  Signalling all first lets them shut down in parallel.
+        for p in reversed(self.procs):
+            if p.alive():
+                p.popen.terminate()
         for p in reversed(self.procs):
             p.stop()
 

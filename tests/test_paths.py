@@ -116,7 +116,7 @@ def test_scheduled_job_waits_for_its_time(router: Cluster, client: Client) -> No
     # Still waiting a second later.
     time.sleep(1.0)
     assert client.get(job.id).status == "queued"
-    assert job.result(timeout=15) == 13
+    assert job.result(timeout=8) == 13
     rec = client.get(job.id)
     waited = (parse_utc(rec.started_at) - parse_utc(rec.created_at)).total_seconds()
     assert waited >= 1.4, waited

@@ -119,16 +119,21 @@ class JobQueue:
         """Forget a live job (finished or canceled); heaps drop stale entries lazily."""
         return self.jobs.pop(job_id, None)
 
-    def promote_due(self, now: float) -> float | None:
-        """Move scheduled jobs that are due at ``now`` to the ready heaps; return the next due time or None."""
+    def promote_due(self, now: float) -> tuple[int, float | None]:
+        """Move scheduled jobs that are due at ``now`` to the ready heaps.
+
+        Returns (how many were promoted, the next scheduled time or None).
+        """
         sched = self._scheduled
+        promoted = 0
         while sched and sched[0][0] <= now:
             _, _, jid = heapq.heappop(sched)
             job = self.jobs.get(jid)
             if job is not None and job.status == QUEUED:
                 heapq.heappush(self._ready.setdefault(job.script, []),
                                (-job.priority, job.scheduled_for, job.order, job.id))
-        return sched[0][0] if sched else None
+                promoted += 1
+        return promoted, (sched[0][0] if sched else None)
 
     def counts(self, now: float) -> dict[str, int]:
         """Numbers of queued (due), scheduled (not yet due) and running jobs."""

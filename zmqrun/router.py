@@ -255,7 +255,9 @@ class Router:
         while self._running:
             now, mono = time.time(), time.monotonic()
             wait = next_beat - mono
-            next_due = self.queue.promote_due(now)
+            promoted, next_due = self.queue.promote_due(now)
+            if promoted:
+                self._dirty = True
             if next_due is not None:
                 wait = min(wait, next_due - now)
             sync_at = jlog.sync_due(mono)
@@ -350,9 +352,9 @@ class Router:
 
     def _handle(self, frames: list[bytes]) -> None:
         ident = frames[0]
-        if len(frames) < 2 or len(frames[1]) != 5:
+        if not 2 <= len(frames) <= 3 or len(frames[1]) != 5:
             self.stats["malformed"] += 1
-            self._error(ident, None, "malformed message: expected [header(5 bytes), body] frames")
+            self._error(ident, None, "malformed message: expected two frames, [header (5 bytes), JSON body]")
             return
         head = frames[1]
         kind, cmd = head[:4], head[4]
