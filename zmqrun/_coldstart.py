@@ -13,8 +13,25 @@ import os
 import sys
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGKILL this process if its worker dies, so a killed
+    worker leaves no orphan job behind (the job is re-queued and runs elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the worker died before prctl took effect
+        os._exit(1)
+
+
 def main() -> int:
     result_fd = int(sys.argv[1])
+    if len(sys.argv) > 2:
+        _die_with_parent(int(sys.argv[2]))
     import orjson
 
     from .execute import error_report, run_job

@@ -59,23 +59,25 @@ def main() -> None:
 @click.option("--data-dir", default="./zmqrun-data", show_default=True, help="where the job log lives")
 @click.option("--fsync", default="always", show_default=True,
               help="always (ack after fdatasync), interval[=MS] (ack after write, sync every MS), never")
-@click.option("--heartbeat", default=P.HEARTBEAT_INTERVAL, show_default=True, help="seconds between heartbeats")
-@click.option("--liveness", default=P.HEARTBEAT_LIVENESS, show_default=True,
+@click.option("--heartbeat", default=P.HEARTBEAT_INTERVAL, show_default=True, type=click.FloatRange(0.01, 60),
+              help="seconds between heartbeats")
+@click.option("--liveness", default=P.HEARTBEAT_LIVENESS, show_default=True, type=click.IntRange(1, 100),
               help="missed heartbeats before a worker is declared lost")
-@click.option("--max-attempts", default=3, show_default=True, help="dispatches before a lost job fails (WorkerLost)")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1, 1000),
+              help="dispatches before a lost job fails (WorkerLost)")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
            log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
 
-    from .joblog import LogCorruption, LogLocked
+    from .joblog import DataDirError, LogCorruption
     from .router import run_router
 
     _setup_logging(log_level)
     try:
         code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts)
-    except (LogCorruption, LogLocked) as e:
+    except (LogCorruption, DataDirError, OSError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
     except zmq.ZMQError as e:
@@ -89,12 +91,13 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
               help="router endpoint (env ZMQRUN_ADDRESS)")
 @click.option("--dedicated", "script", default=None, metavar="SCRIPT",
               help="serve only this script, imported once and kept warm (package.module:function or file.py:function)")
-@click.option("--concurrency", default=1, show_default=True, help="jobs run at once")
-@click.option("--prefetch", default=None, type=int,
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 10_000), help="jobs run at once")
+@click.option("--prefetch", default=None, type=click.IntRange(0, 100_000),
               help="jobs the router may send ahead of free slots [default: 32 dedicated, 0 normal]")
-@click.option("--heartbeat", default=P.HEARTBEAT_INTERVAL, show_default=True, help="seconds between heartbeats")
+@click.option("--heartbeat", default=P.HEARTBEAT_INTERVAL, show_default=True, type=click.FloatRange(0.01, 60),
+              help="seconds between heartbeats")
 @click.option("--name", default=None, help="worker name shown in job records and status")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,
            name: str | None, log_level: str) -> None:
     """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job)."""
@@ -105,7 +108,7 @@ def worker(connect: str, script: str | None, concurrency: int, prefetch: int | N
     try:
         code = run_worker(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                           name=name)
-    except ScriptError as e:
+    except (ScriptError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
     sys.exit(code)
@@ -123,7 +126,7 @@ def _client(address: str | None, timeout: float) -> Any:
 address_option = click.option("--address", envvar="ZMQRUN_ADDRESS", default=P.DEFAULT_ADDRESS,
                               show_default=True, help=ADDRESS_HELP)
 timeout_option = click.option("--timeout-s", "client_timeout", default=10.0, show_default=True,
-                              help="seconds to wait for the router to answer")
+                              type=click.FloatRange(0.1, 3600), help="seconds to wait for the router to answer")
 
 
 @main.command()
@@ -134,10 +137,12 @@ timeout_option = click.option("--timeout-s", "client_timeout", default=10.0, sho
 @click.option("--timeout", default=None, type=float, help="seconds the job may run")
 @click.option("--id", "job_id", default=None, help="your own job id (resubmitting it creates no second job)")
 @click.option("--wait", is_flag=True, help="wait and print the result as JSON")
+@click.option("--wait-timeout", default=None, type=click.FloatRange(0, None, min_open=True),
+              help="with --wait: give up waiting after this many seconds (the job stays queued)")
 @address_option
 @timeout_option
 def submit(script: str, args_json: str | None, delay: float | None, priority: int, timeout: float | None,
-           job_id: str | None, wait: bool, address: str, client_timeout: float) -> None:
+           job_id: str | None, wait: bool, wait_timeout: float | None, address: str, client_timeout: float) -> None:
     """Submit a job for SCRIPT; print its id (or, with --wait, its result as JSON)."""
     args = None
     if args_json is not None:
@@ -149,10 +154,17 @@ def submit(script: str, args_json: str | None, delay: float | None, priority: in
             raise ValueError("--args must be a JSON object, e.g. '{\"n\": 10}'")
     with _client(address, client_timeout) as c:
         job = c.submit(script, args, priority=priority, delay=delay, timeout=timeout, job_id=job_id)
-        if wait:
-            click.echo(json.dumps(job.result()))
-        else:
+        if not wait:
             click.echo(job.id)
+            return
+        try:
+            value = job.result(wait_timeout)
+        except KeyboardInterrupt:
+            click.echo(f"zmqrun: stopped waiting; job {job.id} is still queued or running", err=True)
+            sys.exit(130)
+        except TimeoutError:
+            raise TimeoutError(f"job {job.id} not finished within {wait_timeout:g} s; it stays queued") from None
+        click.echo(json.dumps(value))
 
 
 @main.group()
@@ -273,8 +285,12 @@ def demo(warm_jobs: int, cold_jobs: int) -> None:
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """Run the bench suite (alias of ``python -m bench``, from a source checkout)."""
+    import os
+
+    if os.path.isdir("bench") and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the bench lives in the source checkout, not in the package
     try:
-        from bench.__main__ import main as bench_main
+        from bench.cli import main as bench_main
     except ImportError:
         raise ValueError("the bench suite lives in the source checkout: run 'zmqrun bench' from the repo "
                          "root after pip install -e '.[bench]'") from None

@@ -19,6 +19,7 @@ import orjson
 import zmq
 
 from . import protocol as P
+from .execute import encode_json
 from .model import JobRecord, new_job_id, parse_time
 
 
@@ -106,10 +107,7 @@ def _encode_args(args: Any) -> dict[str, Any]:
         return {}
     if not isinstance(args, dict):
         raise TypeError(f"job args must be a dict of keyword arguments, not {type(args).__name__}")
-    try:
-        orjson.dumps(args)
-    except TypeError as e:
-        raise TypeError(f"job args are not JSON-serializable: {e}") from None
+    encode_json(args, "job args")  # raises TypeError (sets, objects, NaN, non-string keys) before any send
     return args
 
 
@@ -124,6 +122,9 @@ class Client:
 
     def __init__(self, address: str | None = None, timeout: float = 10.0) -> None:
         self.address = address or os.environ.get("ZMQRUN_ADDRESS") or P.DEFAULT_ADDRESS
+        if not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
+            raise ValueError(f"client timeout must be a positive number of seconds, not {timeout!r}")
+        P.check_endpoint(self.address)
         self.timeout = timeout
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -222,7 +223,9 @@ class Client:
                   timeout: float | None, job_id: str | None) -> dict[str, Any]:
         if not isinstance(script, str) or not script:
             raise ValueError("script must be a non-empty string like package.module:function")
-        d: dict[str, Any] = {"id": job_id or new_job_id(), "script": script, "args": _encode_args(args),
+        if type(priority) is not int or not -(2**31) < priority < 2**31:
+            raise ValueError(f"priority must be an integer from -2147483647 to 2147483647, not {priority!r}")
+        d: dict[str, Any] = {"id": new_job_id() if job_id is None else job_id, "script": script, "args": _encode_args(args),
                              "priority": priority}
         if scheduled_for is not None:
             d["scheduled_for"] = parse_time(scheduled_for)
@@ -397,4 +400,6 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         """Router status: ``workers`` [{name, script, credit, in_flight}], ``counts`` {queued, scheduled, running, finished}."""
-        return self._request(P.C_STATUS, {})
+        st = self._request(P.C_STATUS, {})
+        st.pop("req", None)
+        return st

@@ -42,19 +42,24 @@ def _find_non_finite(value: Any) -> bool:
     return False
 
 
-def encode_result(value: Any) -> bytes:
-    """Encode a job's return value as JSON; raise TypeError with a clear message if it is not JSON.
+def encode_json(value: Any, what: str) -> bytes:
+    """Encode ``value`` as strict JSON; raise TypeError naming ``what`` (e.g. "result", "job args") if it is not.
 
-    orjson turns NaN and infinities into ``null`` silently, so a result that
-    encodes to something containing ``null`` is checked for them.
+    orjson turns NaN and infinities into ``null`` silently, so an encoding that
+    contains ``null`` is checked for them.
     """
     try:
         data = orjson.dumps(value)
     except TypeError as e:
-        raise TypeError(f"result is not JSON-serializable ({e}): {_short_repr(value)}") from None
+        raise TypeError(f"{what}: not JSON-serializable ({e}): {_short_repr(value)}") from None
     if b"null" in data and _find_non_finite(value):
-        raise TypeError(f"result contains NaN or infinity, which JSON cannot carry: {_short_repr(value)}")
+        raise TypeError(f"{what}: NaN or infinity cannot be sent as JSON: {_short_repr(value)}")
     return data
+
+
+def encode_result(value: Any) -> bytes:
+    """Encode a job's return value as JSON; raise TypeError with a clear message if it is not JSON."""
+    return encode_json(value, "result")
 
 
 def _short_repr(value: Any) -> str:

@@ -98,7 +98,11 @@ class LogCorruption(Exception):
         self.why = why
 
 
-class LogLocked(Exception):
+class DataDirError(Exception):
+    """The data dir cannot be used (not a directory, or held by another router)."""
+
+
+class LogLocked(DataDirError):
     """Another router holds the data dir."""
 
 
@@ -284,6 +288,8 @@ class JobLog:
         self.dir = Path(data_dir)
         self.policy = policy or FsyncPolicy()
         self.segment_bytes = segment_bytes
+        if self.dir.exists() and not self.dir.is_dir():
+            raise DataDirError(f"data dir {self.dir} exists and is not a directory")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
         try:

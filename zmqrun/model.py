@@ -39,7 +39,11 @@ def iso(ts: float | None) -> str | None:
     """Epoch seconds -> UTC ISO-8601 with microseconds and a ``Z``; None stays None."""
     if ts is None:
         return None
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    try:
+        return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="microseconds") \
+            .replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return str(ts)  # outside what datetime can show: never fail a lookup over it
 
 
 def parse_time(value: object) -> float:

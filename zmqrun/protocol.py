@@ -112,6 +112,19 @@ def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
     send(frames[-1], NOBLOCK)
 
 
+def check_endpoint(endpoint: str) -> None:
+    """Raise ValueError with one readable line if ZeroMQ cannot parse ``endpoint`` (tcp://host:port, ipc://path)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        raise ValueError(f"invalid router address {endpoint!r} ({e.strerror}); use tcp://HOST:PORT or "
+                         f"ipc://PATH") from None
+    finally:
+        sock.close(0)
+
+
 def configure_peer_socket(sock: zmq.Socket, identity: bytes, linger_ms: int = 500) -> None:
     """Apply the DEALER options every zmqrun client and worker uses.
 

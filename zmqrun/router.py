@@ -23,7 +23,9 @@ Durability and ordering:
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import math
 import os
 import signal
 import time
@@ -37,6 +39,7 @@ from . import protocol as P
 from .joblog import CANCEL, DISPATCH, FINISH, REQUEUE, SUBMIT, FsyncPolicy, JobLog
 from .model import CANCELED, FAILURE, FINISHED, QUEUED, RUNNING, STATUSES, SUCCESS, valid_job_id
 from .queue import Job, JobQueue, WorkerSlot
+from .scripts import ScriptError, split_spec
 
 log = logging.getLogger("zmqrun.router")
 
@@ -49,43 +52,71 @@ class BadRequest(ValueError):
     """A client request that is well-framed but invalid; its text goes back to the client."""
 
 
+MAX_PRIORITY = 2**31 - 1
+MAX_DELAY = 10 * 365 * 86400.0  # seconds: ten years ahead is the latest a job may be scheduled
+MAX_TIMEOUT = 30 * 86400.0  # seconds
+_NUMBER = (int, float)
+
+
+def _finite(x: Any) -> bool:
+    return type(x) in _NUMBER and math.isfinite(x)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_script(script: str) -> str | None:
+    """None if ``script`` is a well-formed spec, else why not (cached: a handful of scripts serve most jobs)."""
+    try:
+        split_spec(script)
+    except ScriptError as e:
+        return str(e)
+    return None
+
+
 def normalize_job(raw: Any, now: float) -> dict[str, Any]:
     """Validate one submitted job dict and return its canonical form; raise BadRequest with one readable line.
 
     Input keys: ``id`` (str), ``script`` (str), ``args`` (object or null),
     ``priority`` (int), ``scheduled_for`` (epoch seconds or null), ``delay``
-    (seconds or null, relative to the router's clock), ``timeout`` (seconds or null).
-    On the hot path of every submit: ``type(x) is`` checks (which also keep
-    bools out of ints) and one compiled regex for the id.
+    (seconds or null, relative to the router's clock; not both), ``timeout``
+    (seconds or null).  Times must be finite and at most ten years ahead,
+    timeouts at most 30 days.  On the hot path of every submit: ``type(x) is``
+    checks (which also keep bools out of ints) and one compiled regex for the id.
     """
     if type(raw) is not dict:
         raise BadRequest("each job must be a JSON object")
     get = raw.get
     jid = get("id")
     if not valid_job_id(jid):
-        raise BadRequest(f"invalid job id {jid!r} (1-64 characters of A-Z a-z 0-9 _ . : -)")
+        shown = repr(jid) if len(repr(jid)) <= 80 else repr(jid)[:80] + "..."
+        raise BadRequest(f"invalid job id {shown}: 1-64 characters of A-Z a-z 0-9 _ . : -, "
+                         f"starting with a letter or digit")
     script = get("script")
-    if type(script) is not str or not 0 < len(script) <= 1024 or script.isspace():
+    if type(script) is not str or not 0 < len(script) <= 1024:
         raise BadRequest("script must be a non-empty string (package.module:function or path/file.py:function)")
+    why = _check_script(script)
+    if why is not None:
+        raise BadRequest(why)
     args = get("args")
     if args is None:
         args = {}
     elif type(args) is not dict:
         raise BadRequest("args must be a JSON object (passed as keyword arguments)")
     priority = get("priority", 0)
-    if type(priority) is not int:
-        raise BadRequest("priority must be an integer")
+    if type(priority) is not int or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise BadRequest(f"priority must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY}")
     sched, delay, timeout = get("scheduled_for"), get("delay"), get("timeout")
     if delay is not None:
-        if type(delay) not in (int, float) or delay < 0:
-            raise BadRequest("delay must be a non-negative number of seconds")
+        if sched is not None:
+            raise BadRequest("give delay or scheduled_for, not both")
+        if not _finite(delay) or not 0 <= delay <= MAX_DELAY:
+            raise BadRequest(f"delay must be a number of seconds from 0 to {MAX_DELAY:.0f}")
         sched = now + delay
     elif sched is None:
         sched = now
-    elif type(sched) not in (int, float):
-        raise BadRequest("scheduled_for must be epoch seconds")
-    if timeout is not None and (type(timeout) not in (int, float) or timeout <= 0):
-        raise BadRequest("timeout must be a positive number of seconds")
+    elif not _finite(sched) or not 0 <= sched <= now + MAX_DELAY:
+        raise BadRequest("scheduled_for must be epoch seconds between 1970 and ten years from now")
+    if timeout is not None and (not _finite(timeout) or not 0 < timeout <= MAX_TIMEOUT):
+        raise BadRequest(f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:.0f}")
     return {"id": jid, "script": script, "args": args, "priority": priority, "scheduled_for": float(sched),
             "timeout": timeout, "created_at": now}
 
@@ -111,7 +142,10 @@ class Router:
         self.max_message_size = max_message_size
         self.queue = JobQueue()
         self.archive: dict[str, Job] = {}  # finished jobs by id
-        self.log = JobLog(self.data_dir, self.policy)
+        self.log: JobLog = None  # type: ignore[assignment]  # opened by open(), after the bind
+        self._wake_r, self._wake_w = os.pipe()  # signal.set_wakeup_fd: a signal wakes the poll at once
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._gated: collections.deque[tuple[int, bytes, list[bytes]]] = collections.deque()
         self._running = False
         self._dirty = False
@@ -208,9 +242,11 @@ class Router:
     # -- socket -------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Recover, start the log writer, and bind the ROUTER socket."""
-        self.recover()
-        self.log.start()
+        """Bind the ROUTER socket, then replay the log and open it for appends.
+
+        Binding first means a busy port fails before anything touches the data
+        dir, and peers that connect during recovery just wait in the socket.
+        """
         self.ctx = zmq.Context()
         s = self.ctx.socket(zmq.ROUTER)
         # ROUTER_MANDATORY: a send to an unknown or gone peer raises EHOSTUNREACH
@@ -231,9 +267,16 @@ class Router:
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.TCP_KEEPALIVE, 1)
         s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
-        s.bind(self.bind)
+        try:
+            s.bind(self.bind)
+        except zmq.ZMQError:
+            s.close(0)
+            raise
         self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = s
+        self.log = JobLog(self.data_dir, self.policy)
+        self.recover()
+        self.log.start()
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its current iteration and shut down (signal-safe)."""
@@ -247,10 +290,11 @@ class Router:
         sock, jlog = self.sock, self.log
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         self._running = True
         next_beat = time.monotonic() + self.heartbeat
-        log.info("zmqrun router listening on %s (data dir %s, fsync %s)", self.endpoint, self.data_dir,
-                 self.policy.mode)
+        mode = self.policy.mode + (f"={self.policy.interval * 1000:g}ms" if self.policy.mode == "interval" else "")
+        log.info("zmqrun router listening on %s (data dir %s, fsync %s)", self.endpoint, self.data_dir, mode)
         code = 0
         while self._running:
             now, mono = time.time(), time.monotonic()
@@ -273,6 +317,10 @@ class Router:
                 raise
             if ready:
                 self._drain(sock)
+                try:
+                    os.read(self._wake_r, 512)
+                except BlockingIOError:
+                    pass
             if self._dirty:
                 self._dirty = False
                 self._dispatch(time.time())  # before the sync: workers run while the disk syncs
@@ -303,7 +351,7 @@ class Router:
         if self.log.failure is None:
             self._flush_gated()
         if self.sock is not None:
-            self.sock.close(linger=500)
+            self.sock.close(linger=200)
         if self.ctx is not None:
             self.ctx.term()
 
@@ -391,7 +439,10 @@ class Router:
         if cmd == P.C_SUBMIT:
             self._submit(ident, req, msg)
         elif cmd == P.C_WAIT:
-            self._wait(ident, req, msg.get("ids") or [])
+            ids = msg.get("ids")
+            if type(ids) is not list or not all(type(i) is str for i in ids):
+                raise BadRequest("WAIT needs ids: a list of job id strings")
+            self._wait(ident, req, ids)
         elif cmd == P.C_GET:
             job = self._find(msg.get("id"))
             self._reply(ident, req, {"job": job.wire() if job is not None else None})
@@ -523,7 +574,7 @@ class Router:
         counts = self.queue.counts(now)
         counts["finished"] = len(self.archive)
         by_script: dict[str, int] = collections.Counter(
-            j.script for j in self.queue.jobs.values() if j.status == QUEUED)
+            j.script for j in self.queue.jobs.values() if j.status == QUEUED and j.scheduled_for <= now)
         return {
             "workers": [{"name": w.name, "script": w.script, "credit": w.credit, "in_flight": len(w.in_flight),
                          "expires_in": round(w.expires_at - mono, 3)} for w in self.queue.workers.values()],
@@ -663,5 +714,6 @@ def run_router(bind: str, data_dir: str, fsync: str = "always", **kw: Any) -> in
     router = Router(bind, data_dir, fsync, **kw)
     signal.signal(signal.SIGTERM, router.stop)
     signal.signal(signal.SIGINT, router.stop)
+    signal.set_wakeup_fd(router._wake_w)
     router.open()
     return router.serve()

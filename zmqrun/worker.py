@@ -66,7 +66,8 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
     timeout = job.get("timeout")
     rfd, wfd = os.pipe()
     try:
-        proc = subprocess.Popen([python, "-m", "zmqrun._coldstart", str(wfd)], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([python, "-m", "zmqrun._coldstart", str(wfd), str(os.getpid())],
+                                stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(wfd,),
                                 start_new_session=True, env=env)
     except OSError as e:
@@ -160,7 +161,12 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Import the script (dedicated) and start helpers; raises ScriptError before any READY."""
+        """Check the address, import the script (dedicated) and start helpers.
+
+        Raises ValueError for an endpoint ZeroMQ cannot parse and ScriptError
+        for a script that cannot be imported, both before any READY.
+        """
+        P.check_endpoint(self.connect)
         if self.script is not None:
             self.func = load_function(self.script)
             install_capture()
@@ -174,23 +180,30 @@ class Worker:
         self._running = False
 
     def run(self) -> int:
-        """Serve until stopped; reconnect with backoff whenever the router is lost. Returns an exit code."""
+        """Serve until stopped; reconnect with backoff whenever the router is lost. Returns an exit code.
+
+        Backoff (Paranoid Pirate): 1 s doubling to 32 s, times a random 0.5-1.0
+        jitter; reset once a session has heard from the router.
+        """
         backoff = P.RECONNECT_INITIAL
         try:
             while self._running:
-                outcome = self._session()
+                outcome, heard = self._session()
                 if outcome == "stopped":
                     break
-                delay = backoff * (0.5 + random.random())
-                log.warning("router lost (%s); reconnecting in %.1f s", outcome, delay)
+                if heard:
+                    backoff = P.RECONNECT_INITIAL
                 if outcome == "disconnect":
                     delay = 0.05  # the router asked us to re-register: it is alive
                 else:
+                    delay = backoff * (0.5 + 0.5 * random.random())
                     backoff = min(backoff * 2, P.RECONNECT_MAX)
+                log.warning("router %s; registering again in %.1f s", outcome, delay)
                 end = time.monotonic() + delay
                 while self._running and time.monotonic() < end:
                     time.sleep(min(0.1, end - time.monotonic()))
         finally:
+            log.info("worker %s stopping", self.name)
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
             self.ctx.term()
@@ -217,19 +230,23 @@ class Worker:
         self._last_send = time.monotonic()
         return True
 
-    def _session(self) -> str:
-        """One registration: returns 'stopped', 'disconnect' or 'silent'."""
+    def _session(self) -> tuple[str, bool]:
+        """One registration: returns (outcome, heard from the router); outcome is 'stopped',
+        'disconnect' (the router asked us to re-register) or 'went silent'."""
         self.sock = sock = self._open()
         self._pending.clear()
         self._results.clear()
         ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
                               "name": self.name, "pid": os.getpid()})
         # IMMEDIATE=1: READY waits until a connection to the router exists.
+        waited = 0.0
         while self._running and not sock.poll(100, zmq.POLLOUT):
-            pass
+            waited += 0.1
+            if waited >= 5.0 and waited % 30.0 < 0.1:
+                log.warning("no router reachable at %s yet (%.0f s); still trying", self.connect, waited)
         if not self._running:
             sock.close(0)
-            return "stopped"
+            return "stopped", False
         self._sock_lock.acquire()
         try:
             self._send([P.H_W_READY, ready])
@@ -238,18 +255,19 @@ class Worker:
             return self._serve(sock)
         finally:
             self._sock_lock.release()
-            sock.close(linger=1000 if not self._running else 1000)
+            sock.close(linger=500)
 
-    def _serve(self, sock: zmq.Socket) -> str:
+    def _serve(self, sock: zmq.Socket) -> tuple[str, bool]:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         router_expires = time.monotonic() + self.heartbeat * self.liveness
+        heard = False
         while True:
             if not self._running and not self._pending and self._active == 0:
                 self._flush()
                 self._send([P.H_W_DISCONNECT])
-                return "stopped"
+                return "stopped", heard
             wait = max(0.0, self._last_send + self.heartbeat - time.monotonic())
             if self._pending or P.has_input(sock):
                 events = {}
@@ -257,11 +275,16 @@ class Worker:
                 events = dict(poller.poll(int(wait * 1000) + 1))
             msgs = P.recv_ready(sock, 10_000)
             if msgs:
+                heard = True
                 router_expires = time.monotonic() + self.heartbeat * self.liveness
                 for frames in msgs:
                     verdict = self._on_message(frames)
                     if verdict:
-                        return verdict
+                        return verdict, heard
+            elif time.monotonic() > router_expires:
+                # Checked only after draining: the router's heartbeats queue up unread
+                # while a long inline job runs, and must count before we judge it silent.
+                return "went silent", heard
             if self._wake_r in events:
                 try:
                     os.read(self._wake_r, 4096)
@@ -281,11 +304,8 @@ class Worker:
                 self._pending.clear()  # stopping: unstarted jobs go back via DISCONNECT
             if self._results:
                 self._flush()
-            now = time.monotonic()
-            if now - self._last_send >= self.heartbeat:
+            if time.monotonic() - self._last_send >= self.heartbeat:
                 self._send([P.H_W_HEARTBEAT])
-            if now > router_expires:
-                return "silent"
 
     def _on_message(self, frames: list[bytes]) -> str | None:
         if len(frames) < 1 or len(frames[0]) != 5 or frames[0][:4] != P.ROUTER:
@@ -366,4 +386,5 @@ def run_worker(connect: str, script: str | None = None, **kw: Any) -> int:
     w.start()
     signal.signal(signal.SIGTERM, w.stop)
     signal.signal(signal.SIGINT, w.stop)
+    signal.set_wakeup_fd(w._wake_w)  # a signal wakes the poll at once: prompt shutdown
     return w.run()
