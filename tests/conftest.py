@@ -53,8 +53,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = READY_TIMEOUT, int
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "ZMQRUN_ADDRESS"}
-    env["PYTHONUNBUFFERED"] = "1"
+    """The environment for zmqrun subprocesses: ours without ZMQRUN_ADDRESS (and without
+    PYTHONUNBUFFERED, which cold job processes would inherit and which would hide buffering bugs)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ZMQRUN_ADDRESS", "PYTHONUNBUFFERED")}
     env.update(extra)
     return env
 
@@ -114,9 +115,9 @@ class Cluster:
 
     # -- processes ------------------------------------------------------------------------
 
-    def spawn(self, name: str, args: list[str], cwd: Path | None = None) -> Proc:
+    def spawn(self, name: str, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Proc:
         self._n += 1
-        p = Proc(name, args, self.tmp / f"{self._n:02d}-{name}.log", cwd or self.tmp, subprocess_env())
+        p = Proc(name, args, self.tmp / f"{self._n:02d}-{name}.log", cwd or self.tmp, subprocess_env(**(env or {})))
         self.procs.append(p)
         return p
 
@@ -186,7 +187,7 @@ class Cluster:
         return c
 
     def cli(self, *args: str, address: bool = True, env: dict[str, str] | None = None,
-            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+            timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
         """Run ``python -m zmqrun ARGS`` (``--address`` appended unless ``address`` is False)."""
         argv = [sys.executable, "-m", "zmqrun", *args]
         if address:
@@ -245,6 +246,27 @@ def router(zr: Cluster) -> Cluster:
 def client(router: Cluster) -> Client:
     """A Client connected to the ``router`` fixture's router."""
     return router.client()
+
+
+@pytest.fixture(scope="module")
+def _shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("shared"))
+    try:
+        cluster.start_router()
+        cluster.start_worker(FIBO, name="warm-shared")
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def shared(_shared_cluster: Cluster, request: pytest.FixtureRequest) -> Cluster:
+    """One router with a dedicated FIBO worker ("warm-shared"), shared by the tests of a module.
+
+    For tests that only need a working router and do not look at global state (counts, job lists).
+    """
+    request.node._zmqrun_cluster = _shared_cluster
+    return _shared_cluster
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -477,6 +477,7 @@ class Router:
         rejected: list[dict[str, Any]] = []
         fresh: list[dict[str, Any]] = []
         new_jobs: list[Job] = []
+        batch: dict[str, Job] = {}  # ids new in this batch: a repeat is a resubmit of the first
         known: list[Job] = []
         queue = self.queue
         for raw in raw_jobs:
@@ -485,13 +486,15 @@ class Router:
             except BadRequest as e:
                 rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": str(e)})
                 continue
-            existing = queue.jobs.get(d["id"]) or self.archive.get(d["id"])
+            existing = queue.jobs.get(d["id"]) or self.archive.get(d["id"]) or batch.get(d["id"])
             if existing is not None:
-                known.append(existing)  # idempotent resubmit: same id, no second job
+                if existing.id not in batch:
+                    known.append(existing)  # idempotent resubmit: same id, no second job
             else:
                 job = self._job_from(d)
                 job.order = queue.next_order()
                 new_jobs.append(job)
+                batch[job.id] = job
                 fresh.append(d)
             accepted.append(d["id"])
         seq = self.log.last_seq

@@ -66,7 +66,8 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
     timeout = job.get("timeout")
     rfd, wfd = os.pipe()
     try:
-        proc = subprocess.Popen([python, "-m", "zmqrun._coldstart", str(wfd), str(os.getpid())],
+        # -u: unbuffered stdout and stderr, so the job's logs keep the order it printed in.
+        proc = subprocess.Popen([python, "-u", "-m", "zmqrun._coldstart", str(wfd), str(os.getpid())],
                                 stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(wfd,),
                                 start_new_session=True, env=env)
