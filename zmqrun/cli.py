@@ -93,7 +93,7 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
               help="serve only this script, imported once and kept warm (package.module:function or file.py:function)")
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 10_000), help="jobs run at once")
 @click.option("--prefetch", default=None, type=click.IntRange(0, 100_000),
-              help="jobs the router may send ahead of free slots [default: 32 dedicated, 0 normal]")
+              help="jobs the router may send ahead of free slots [default: 256 dedicated, 0 normal]")
 @click.option("--heartbeat", default=P.HEARTBEAT_INTERVAL, show_default=True, type=click.FloatRange(0.01, 60),
               help="seconds between heartbeats")
 @click.option("--name", default=None, help="worker name shown in job records and status")

@@ -215,16 +215,22 @@ class Router:
     # -- state transitions shared by live handling and replay ---------------------------
 
     @staticmethod
-    def _apply_result(job: Job, r: dict[str, Any]) -> None:
-        ok = r.get("status") == SUCCESS
-        job.status = SUCCESS if ok else FAILURE
-        job.result = r.get("result") if ok else None
-        err = r.get("error")
-        job.error = None if ok else (err if isinstance(err, dict) else
-                                     {"type": "WorkerError", "message": "malformed error report", "traceback": ""})
-        job.logs = r.get("logs") or ""
+    def _apply_result(job: Job, r: dict[str, Any]) -> dict[str, Any]:
+        """Record a worker's report ``r`` on ``job``; return ``r`` minus its logs, which doubles as the
+        outcome pushed to clients (no second dict per job on the hot path)."""
+        logs = r.pop("logs", "")
+        job.logs = logs if type(logs) is str else ""
+        if r.get("status") == SUCCESS:
+            job.status, job.result, job.error = SUCCESS, r.get("result"), None
+        else:
+            err = r.get("error")
+            if type(err) is not dict:
+                err = r["error"] = {"type": "WorkerError", "message": "malformed error report", "traceback": ""}
+            job.status, job.result, job.error = FAILURE, None, err
+            r["status"] = FAILURE
         job.started_at = r.get("started_at") or job.started_at
         job.finished_at = r.get("finished_at") or time.time()
+        return r
 
     @staticmethod
     def _apply_cancel(job: Job, rec: dict[str, Any]) -> None:
@@ -480,6 +486,7 @@ class Router:
         batch: dict[str, Job] = {}  # ids new in this batch: a repeat is a resubmit of the first
         known: list[Job] = []
         queue = self.queue
+        next_order = queue.next_order
         for raw in raw_jobs:
             try:
                 d = normalize_job(raw, now)
@@ -491,8 +498,8 @@ class Router:
                 if existing.id not in batch:
                     known.append(existing)  # idempotent resubmit: same id, no second job
             else:
-                job = self._job_from(d)
-                job.order = queue.next_order()
+                job = Job(d["id"], d["script"], d["args"], d["priority"], d["scheduled_for"], d["timeout"],
+                          now, next_order())
                 new_jobs.append(job)
                 batch[job.id] = job
                 fresh.append(d)
@@ -567,7 +574,7 @@ class Router:
         rec = {"at": now, "id": job.id, "reason": reason}
         seq = self.log.append(CANCEL, orjson.dumps(rec), eager=True)
         self._apply_cancel(job, rec)
-        self._finish_batch([job])
+        self._finish_batch([(job, None)])
         self._send_gated(seq, ident, [P.H_REPLY, orjson.dumps({"req": req, "canceled": True, "status": CANCELED,
                                                                "message": "canceled"})])
 
@@ -632,7 +639,7 @@ class Router:
         if not isinstance(results, list):
             raise BadRequest("RESULT body must be {\"results\": [...]}")
         jobs, in_flight = self.queue.jobs, w.in_flight
-        done: list[Job] = []
+        done: list[tuple[Job, dict[str, Any]]] = []
         for r in results:
             jid = r.get("id") if type(r) is dict else None
             attempt = in_flight.get(jid) if type(jid) is str else None
@@ -641,8 +648,7 @@ class Router:
                 self.stats["stale_results"] += 1  # a late result of an older attempt: drop it
                 continue
             del in_flight[jid]
-            self._apply_result(job, r)
-            done.append(job)
+            done.append((job, self._apply_result(job, r)))
         if not done:
             return
         # The worker's body is logged as is (no re-encode); replay applies the same attempt check.
@@ -650,24 +656,30 @@ class Router:
         self._finish_batch(done)
         self._dirty = True
 
-    def _finish_batch(self, done: list[Job]) -> None:
+    def _finish_batch(self, done: list[tuple[Job, dict[str, Any] | None]]) -> None:
         """Archive finished jobs and push their outcomes to watching clients.
 
-        One message per client carries all of its outcomes.  Each is gated on the
-        job's SUBMIT record (so the ACK goes out first), not on the FINISH record:
-        see the module docstring.
+        ``done`` holds (job, outcome dict or None to build one).  One message per
+        client carries all of its outcomes.  Each is gated on the job's SUBMIT
+        record (so the ACK goes out first), not on the FINISH record: see the
+        module docstring.
         """
         by_client: dict[bytes, tuple[int, list[dict[str, Any]]]] = {}
-        queue_remove, archive = self.queue.remove, self.archive
-        for job in done:
-            queue_remove(job.id)
+        live, archive = self.queue.jobs, self.archive
+        for job, out in done:
+            live.pop(job.id, None)
             archive[job.id] = job
             if job.watchers:
-                out = job.outcome()
+                if out is None:
+                    out = job.outcome()
                 for c in job.watchers:
-                    gate, outs = by_client.get(c, (0, []))
-                    outs.append(out)
-                    by_client[c] = (max(gate, job.submit_seq), outs)
+                    entry = by_client.get(c)
+                    if entry is None:
+                        by_client[c] = (job.submit_seq, [out])
+                    else:
+                        entry[1].append(out)
+                        if job.submit_seq > entry[0]:
+                            by_client[c] = (job.submit_seq, entry[1])
                 job.watchers = None
         for c, (gate, outs) in by_client.items():
             self._send_gated(gate, c, [P.H_RESULT, orjson.dumps({"results": outs})])
@@ -691,7 +703,7 @@ class Router:
                 {"at": now, "final": True, "jobs": [[j.id, j.attempts, why] for j in final]}))
             for j in final:
                 self._apply_lost(j, why, now)
-            self._finish_batch(final)
+            self._finish_batch([(j, None) for j in final])
         self._dirty = True
 
     def _dispatch(self, now: float) -> None:

@@ -47,7 +47,10 @@ log = logging.getLogger("zmqrun.worker")
 
 RESULT_FLUSH_COUNT = 256  # results batched per RESULT message under load
 RESULT_FLUSH_SECONDS = 0.002  # ... or after this long, whichever comes first
-DEFAULT_DEDICATED_PREFETCH = 32  # jobs buffered beyond running ones on a warm worker
+# Jobs buffered beyond running ones on a warm worker.  Deep, because per-message
+# costs dominate a fast job (measured: map throughput 45k jobs/s at 32, 80k at 256);
+# --prefetch 0 suits long jobs that should spread across workers.
+DEFAULT_DEDICATED_PREFETCH = 256
 
 
 def _result_bytes(job: dict[str, Any], frag: bytes, started: float, finished: float, logs: str) -> bytes:
