@@ -208,3 +208,22 @@ def test_cold_path_logs_keep_stdout_and_stderr_in_order(router: Cluster, client:
     job = client.submit(script, {"tag": "d"})
     assert job.result(timeout=30) == "d"
     assert client.get(job.id).logs == "out 1 d\nerr 1 d\nout 2 d\nerr 2 d\nout 3 d\n"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to read a process's CPU time")
+def test_worker_with_busy_slots_waits_without_spinning(router: Cluster, client: Client, tmp_path: Path) -> None:
+    """With every pool slot busy and more jobs buffered, the worker blocks instead of busy-looping
+    (a spin starved the job threads of the GIL and halved --concurrency throughput)."""
+    write_script(tmp_path, "nap.py", "import time\n\ndef nap(s):\n    time.sleep(s)\n    return s\n")
+    worker = router.start_worker("nap:nap", name="pool-2", concurrency=2, cwd=tmp_path)
+    before = _cpu_seconds(worker.pid)
+    jobs = [client.submit("nap:nap", {"s": 1.0}) for _ in range(4)]  # 2 run, 2 wait in the buffer
+    assert client.wait([j.id for j in jobs], timeout=30) == [1.0] * 4
+    used = _cpu_seconds(worker.pid) - before
+    # ~2 s of sleeping jobs; a spinning loop burns most of a core (>1.5 s), a blocking one a few ms.
+    assert used < 0.5, f"worker used {used:.2f} s of CPU while its jobs slept"

@@ -322,11 +322,9 @@ class Router:
                     continue
                 raise
             if ready:
-                self._drain(sock)
-                try:
-                    os.read(self._wake_r, 512)
-                except BlockingIOError:
-                    pass
+                self._drain(sock)  # checks EVENTS itself: cheap when only the wake pipe fired
+                if len(ready) > 1 or ready[0][0] == self._wake_r:
+                    os.read(self._wake_r, 512)  # a signal arrived: drain its byte(s)
             if self._dirty:
                 self._dirty = False
                 self._dispatch(time.time())  # before the sync: workers run while the disk syncs

@@ -273,7 +273,10 @@ class Worker:
                 self._send([P.H_W_DISCONNECT])
                 return "stopped", heard
             wait = max(0.0, self._last_send + self.heartbeat - time.monotonic())
-            if self._pending or P.has_input(sock):
+            # Skip the poll only when there is work to start right now; with every pool
+            # slot busy we must block (on the socket or the wake pipe), never spin.
+            can_start = self._pending and (self._inline or self._active < self.concurrency)
+            if can_start or P.has_input(sock):
                 events = {}
             else:
                 events = dict(poller.poll(int(wait * 1000) + 1))
