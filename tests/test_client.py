@@ -121,3 +121,22 @@ def test_job_handle_from_another_client(router: Cluster, client: Client) -> None
     other = router.client()
     assert other.job(job.id).result(timeout=30) == 34
     assert other.wait([job.id], timeout=5) == [34]
+
+
+def test_unread_outcomes_stay_bounded_and_evicted_results_are_fetched_again(router: Cluster,
+                                                                            client: Client) -> None:
+    """A producer that submits and never reads results keeps at most ``max_unclaimed`` outcomes;
+    an evicted job's result() still works (the router answers from its archive)."""
+    router.start_worker("zmqrun.examples.demo:main")
+    client.max_unclaimed = 5
+    jobs = [client.submit("zmqrun.examples.demo:main", {"i": i}) for i in range(30)]
+    # Wait until every job finished, pumping the pushed outcomes through status() calls.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and client.status()["counts"]["finished"] < 30:
+        time.sleep(0.05)
+    client.status()
+    assert len(client._outcomes) <= 5
+    assert [j.result(timeout=10) for j in jobs] == [{"echo": {"i": i}} for i in range(30)]
+    # map's own outcomes are never evicted, whatever the cap.
+    assert client.map("zmqrun.examples.demo:main", [{"i": i} for i in range(50)]) == \
+        [{"echo": {"i": i}} for i in range(50)]

@@ -138,6 +138,8 @@ class Client:
         self._outcomes: dict[str, dict[str, Any]] = {}
         self._watching: set[str] = set()
         self._pending_submits: dict[int, str] = {}  # req -> job id of "ack": false submits
+        self._claimed: set[str] = set()  # ids a running wait()/map() will collect: never evicted
+        self.max_unclaimed = 100_000  # outcomes kept for jobs nobody waits on yet (oldest evicted first)
         self._arrived: list[str] = []  # ids whose outcome arrived since last cleared (for map)
         self._closed = False
 
@@ -184,6 +186,8 @@ class Client:
                 for r in body["results"]:
                     self._outcomes[r["id"]] = r
                     self._arrived.append(r["id"])
+                if len(self._outcomes) - len(self._claimed) > self.max_unclaimed:
+                    self._evict_unclaimed()
             elif cmd in (P.R_ACK, P.R_REPLY, P.R_ERROR):
                 req = body.get("req")
                 jid = self._pending_submits.pop(req, None) if isinstance(req, int) else None
@@ -197,6 +201,17 @@ class Client:
                 elif cmd == P.R_ERROR:
                     raise RequestRejected(f"router error: {body.get('error')}")
         return bool(msgs)
+
+    def _evict_unclaimed(self) -> None:
+        """Drop the oldest outcomes nobody is waiting on, so a producer that never reads results stays
+        bounded.  Safe: a later ``result()`` of an evicted id asks the router again (WAIT), which
+        answers from its archive."""
+        target = self.max_unclaimed * 9 // 10
+        for jid in [j for j in self._outcomes if j not in self._claimed]:
+            if len(self._outcomes) <= target:
+                break
+            del self._outcomes[jid]
+            self._watching.discard(jid)
 
     def _request(self, cmd: int, body: dict[str, Any]) -> dict[str, Any]:
         req = next(self._req)
@@ -298,6 +313,14 @@ class Client:
         ids = [d["id"] for d in all_jobs]
         remaining = set(ids)
         self._watching.update(ids)
+        self._claimed.update(ids)
+        try:
+            return self._map_loop(all_jobs, ids, remaining, batch_size, window, return_exceptions)
+        finally:
+            self._claimed.difference_update(ids)
+
+    def _map_loop(self, all_jobs: list[dict[str, Any]], ids: list[str], remaining: set[str], batch_size: int,
+                  window: int, return_exceptions: bool) -> list[Any]:
         reqs: set[int] = set()  # our SUBMITs: sent with "ack": false, so a reply means a refusal
         sent = 0
         quiet_since = time.monotonic()
@@ -353,6 +376,13 @@ class Client:
             raise ZmqrunError(f"the router does not know job(s) {', '.join(body['unknown'][:5])}")
 
     def _wait_results(self, ids: list[str], timeout: float | None) -> list[Any]:
+        self._claimed.update(ids)
+        try:
+            return self._wait_loop(ids, timeout)
+        finally:
+            self._claimed.difference_update(ids)
+
+    def _wait_loop(self, ids: list[str], timeout: float | None) -> list[Any]:
         missing = [i for i in ids if i not in self._outcomes]
         if missing and not all(i in self._watching for i in missing):
             self._check_alive(missing)
