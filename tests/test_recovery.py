@@ -243,6 +243,25 @@ def test_worker_sigterm_finishes_the_running_job_then_leaves(zr: Cluster, tmp_pa
     assert "graceful" not in zr.worker_names()
 
 
+def test_worker_sigterm_hands_back_prefetched_jobs(zr: Cluster, tmp_path: Path) -> None:
+    """SIGTERM stops a warm worker after its running job; jobs it had buffered but not started go back
+    to the queue and run on another worker, instead of delaying the shutdown."""
+    script = f"{write_script(tmp_path, 'slow.py', SLOW)}:slow"
+    zr.start_router()
+    c = zr.client()
+    first = c.submit(script, {"seconds": 1.0})
+    rest = [c.submit(script, {"seconds": 0.5}) for _ in range(5)]
+    # Queued before the worker registers, all six reach it in one JOBS batch: five wait in its buffer.
+    a = zr.start_worker(script, name="leaving", prefetch=10)
+    wait_until(lambda: c.get(first.id).status == "running", timeout=10, interval=0.02, what="the first job")
+    a.popen.terminate()
+    assert a.popen.wait(10) == 0  # without the hand-back it would run all 5 more (2.5 s) first
+    assert c.get(first.id).worker == "leaving" and first.result(timeout=5) == a.pid
+    b = zr.start_worker(script, name="staying")
+    assert c.wait([j.id for j in rest], timeout=30) == [b.pid] * 5
+    assert {c.get(j.id).worker for j in rest} == {"staying"}
+
+
 def test_inline_jobs_longer_than_liveness_keep_the_worker_registered(zr: Cluster, tmp_path: Path) -> None:
     """A dedicated worker whose jobs each run longer than heartbeat x liveness (0.6 s here) stays
     connected: its heartbeat thread covers the jobs, nothing is re-queued, every job runs once."""

@@ -243,11 +243,12 @@ class Worker:
         ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
                               "name": self.name, "pid": os.getpid()})
         # IMMEDIATE=1: READY waits until a connection to the router exists.
-        waited = 0.0
+        started, next_warning = time.monotonic(), 5.0
         while self._running and not sock.poll(100, zmq.POLLOUT):
-            waited += 0.1
-            if waited >= 5.0 and waited % 30.0 < 0.1:
+            waited = time.monotonic() - started
+            if waited >= next_warning:
                 log.warning("no router reachable at %s yet (%.0f s); still trying", self.connect, waited)
+                next_warning += 30.0
         if not self._running:
             sock.close(0)
             return "stopped", False
@@ -339,7 +340,7 @@ class Worker:
         """Run buffered jobs on this thread; flush results when the buffer empties or a batch fills."""
         func = self.func
         first_unflushed = 0.0
-        while self._pending:
+        while self._pending and self._running:  # stopping: unstarted jobs go back to the router
             job = self._pending.popleft()
             self._in_job = True
             self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
