@@ -32,6 +32,11 @@ class ZmqrunGroup(click.Group):
 
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except JobFailed as e:
             click.echo(f"zmqrun: job failed: {e.type}: {e.message}", err=True)
             if e.traceback:
@@ -43,6 +48,7 @@ class ZmqrunGroup(click.Group):
         except KeyError as e:
             click.echo(f"zmqrun: error: {e.args[0] if e.args else e}", err=True)
             sys.exit(1)
+
 
 
 @click.group(cls=ZmqrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,7 +83,7 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
     _setup_logging(log_level)
     try:
         code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts)
-    except (LogCorruption, DataDirError, OSError) as e:
+    except (LogCorruption, DataDirError, OSError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
     except zmq.ZMQError as e:
@@ -163,7 +169,8 @@ def submit(script: str, args_json: str | None, delay: float | None, priority: in
             click.echo(f"zmqrun: stopped waiting; job {job.id} is still queued or running", err=True)
             sys.exit(130)
         except TimeoutError:
-            raise TimeoutError(f"job {job.id} not finished within {wait_timeout:g} s; it stays queued") from None
+            raise TimeoutError(f"job {job.id} not finished within {wait_timeout:g} s; it goes on "
+                               f"(see zmqrun jobs show {job.id})") from None
         click.echo(json.dumps(value))
 
 
@@ -204,7 +211,7 @@ def jobs_show(job_id: str, as_json: bool, address: str, client_timeout: float) -
 @jobs.command("list")
 @click.option("--status", default=None, type=click.Choice(["queued", "running", "success", "failure", "canceled"]))
 @click.option("--script", default=None)
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--json", "as_json", is_flag=True)
 @address_option
 @timeout_option
@@ -281,7 +288,8 @@ def demo(warm_jobs: int, cold_jobs: int) -> None:
     sys.exit(run_demo(warm_jobs, cold_jobs))
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """Run the bench suite (alias of ``python -m bench``, from a source checkout)."""
@@ -291,7 +299,9 @@ def bench(ctx: click.Context) -> None:
         sys.path.insert(0, os.getcwd())  # the bench lives in the source checkout, not in the package
     try:
         from bench.cli import main as bench_main
-    except ImportError:
-        raise ValueError("the bench suite lives in the source checkout: run 'zmqrun bench' from the repo "
-                         "root after pip install -e '.[bench]'") from None
+    except ModuleNotFoundError as e:
+        if e.name == "bench" or (e.name or "").startswith("bench."):
+            raise ValueError("the bench suite lives in the source checkout: run 'zmqrun bench' from the "
+                             "repo root") from None
+        raise ValueError(f"the bench needs its extra ({e.name} is missing): pip install -e '.[bench]'") from None
     sys.exit(bench_main(list(ctx.args)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
+import math
 import os
 import socket as _socket
 import time
@@ -100,6 +101,13 @@ class CancelResult:
 
     def __repr__(self) -> str:
         return f"CancelResult(canceled={self.canceled}, status={self.status!r}, message={self.message!r})"
+
+
+def _finite_seconds(value: Any, name: str) -> float:
+    """``value`` as float seconds; ValueError unless it is a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
+    return float(value)
 
 
 def _encode_args(args: Any) -> dict[str, Any]:
@@ -242,14 +250,15 @@ class Client:
             raise ValueError(f"priority must be an integer from -2147483647 to 2147483647, not {priority!r}")
         d: dict[str, Any] = {"id": new_job_id() if job_id is None else job_id, "script": script, "args": _encode_args(args),
                              "priority": priority}
+        # Checked here because orjson would send NaN and infinity as null, which reads as "not given".
         if scheduled_for is not None:
-            d["scheduled_for"] = parse_time(scheduled_for)
+            d["scheduled_for"] = _finite_seconds(parse_time(scheduled_for), "scheduled_for")
         if delay is not None:
             if isinstance(delay, _dt.timedelta):
                 delay = delay.total_seconds()
-            d["delay"] = float(delay)
+            d["delay"] = _finite_seconds(delay, "delay")
         if timeout is not None:
-            d["timeout"] = float(timeout)
+            d["timeout"] = _finite_seconds(timeout, "timeout")
         return d
 
     def submit(self, script: str, args: dict[str, Any] | None = None, *, priority: int = 0,
@@ -418,6 +427,8 @@ class Client:
         return JobRecord.from_wire(body["job"])
 
     def list_jobs(self, status: str | None = None, script: str | None = None, limit: int = 50) -> list[JobRecord]:
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"limit must be a positive integer, not {limit!r}")
         """Jobs newest first, filtered by ``status`` and ``script``; at most ``limit`` (logs and args omitted)."""
         body = self._request(P.C_LIST, {"status": status, "script": script, "limit": limit})
         return [JobRecord.from_wire(d) for d in body["jobs"]]

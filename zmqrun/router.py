@@ -133,6 +133,8 @@ class Router:
     def __init__(self, bind: str, data_dir: str | os.PathLike[str], fsync: str | FsyncPolicy = "always",
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE) -> None:
+        if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60) or not 1 <= liveness <= 100:
+            raise ValueError("heartbeat must be 0.01 to 60 seconds and liveness 1 to 100")
         self.bind = bind
         self.data_dir = Path(data_dir)
         self.policy = fsync if isinstance(fsync, FsyncPolicy) else FsyncPolicy.parse(fsync)
@@ -537,10 +539,10 @@ class Router:
         self._reply(ident, req, {"unknown": unknown})
 
     def _list(self, ident: bytes, req: Any, msg: dict[str, Any]) -> None:
-        status, script, limit = msg.get("status"), msg.get("script"), msg.get("limit") or 50
+        status, script, limit = msg.get("status"), msg.get("script"), msg.get("limit", 50)
         if status is not None and status not in STATUSES:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
-        if not isinstance(limit, int) or limit <= 0:
+        if type(limit) is not int or limit <= 0:
             raise BadRequest("limit must be a positive integer")
         out = []
         # Newest first: ids are time-ordered UUIDv7, so reverse insertion order of both maps.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import math
 import os
 import random
 import signal
@@ -132,6 +133,8 @@ class Worker:
                  liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60):
+            raise ValueError(f"heartbeat must be 0.01 to 60 seconds, not {heartbeat!r}")
         self.connect = connect
         self.script = script
         self.concurrency = concurrency
