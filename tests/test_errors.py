@@ -300,3 +300,12 @@ def test_router_refuses_a_busy_address_and_a_locked_data_dir(router: Cluster, tm
     assert router.router_proc.alive()
     with Client(router.address, timeout=5) as c:
         assert c.status()["counts"]["finished"] == 0
+
+
+@pytest.mark.parametrize("option", [{"delay": float("nan")}, {"delay": float("inf")}, {"timeout": float("inf")},
+                                    {"timeout": float("nan")}, {"scheduled_for": float("nan")}])
+def test_non_finite_times_are_refused_before_sending(option: dict) -> None:
+    # orjson would encode NaN and infinity as null, which the router would read as "not given".
+    with Client(unused_address(), timeout=1) as c:
+        with pytest.raises(ValueError, match="finite"):
+            c.submit("zmqrun.examples.demo:main", **option)
