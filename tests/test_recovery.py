@@ -172,7 +172,7 @@ def test_mid_file_corruption_refuses_to_start(zr: Cluster, where: str) -> None:
     seg.write_bytes(bytes(data))
     files_before = {p.name: p.read_bytes() for p in zr.data_dir.iterdir() if p.name != "LOCK"}
 
-    proc = subprocess.run([sys.executable, "-m", "zmqrun", "router", "--bind", f"tcp://127.0.0.1:0",
+    proc = subprocess.run([sys.executable, "-m", "zmqrun", "router", "--bind", "tcp://127.0.0.1:0",
                            "--data-dir", str(zr.data_dir)], capture_output=True, text=True, timeout=20,
                           env=subprocess_env(), stdin=subprocess.DEVNULL)
     assert proc.returncode not in (0, None), proc.stderr

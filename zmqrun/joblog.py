@@ -64,7 +64,6 @@ DISPATCH = 2  # {"at", "worker", "jobs": [[id, attempt], ...]}
 FINISH = 3  # {"at", "worker", "results": [result, ...]}
 CANCEL = 4  # {"at", "id", "reason"}
 REQUEUE = 5  # {"at", "jobs": [[id, attempt, reason], ...]}
-RECORD_NAMES = {SUBMIT: "SUBMIT", DISPATCH: "DISPATCH", FINISH: "FINISH", CANCEL: "CANCEL", REQUEUE: "REQUEUE"}
 
 BATCH_MAGIC = 0x5A524231  # "ZRB1"
 SEGMENT_MAGIC = b"ZRSG"

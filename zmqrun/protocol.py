@@ -23,7 +23,6 @@ import zmq
 CLIENT: Final = b"ZRC1"
 WORKER: Final = b"ZRW1"
 ROUTER: Final = b"ZRR1"
-PROTOCOL_VERSION: Final = 1
 
 # client -> router
 C_SUBMIT: Final = 0x01  # {"req", "jobs": [job, ...]}                -> ACK after fdatasync
