@@ -309,3 +309,11 @@ def test_non_finite_times_are_refused_before_sending(option: dict) -> None:
     with Client(unused_address(), timeout=1) as c:
         with pytest.raises(ValueError, match="finite"):
             c.submit("zmqrun.examples.demo:main", **option)
+
+
+def test_oversize_request_is_refused_by_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the router's MAXMSGSIZE, libzmq would just drop the connection: the client says why instead.
+    monkeypatch.setattr(zmqrun.protocol, "MAX_MESSAGE_SIZE", 4096)
+    with Client(unused_address(), timeout=1) as c:
+        with pytest.raises(ValueError, match="exceeds the router's message limit"):
+            c.submit("zmqrun.examples.demo:main", {"blob": "x" * 10_000})

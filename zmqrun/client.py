@@ -167,6 +167,10 @@ class Client:
 
     def _send(self, cmd: int, body: dict[str, Any]) -> None:
         frames = [_HEADERS[cmd], orjson.dumps(body)]
+        if len(frames[1]) > P.MAX_MESSAGE_SIZE - 64:
+            # The router's MAXMSGSIZE would drop the connection without a word (S5): refuse it here.
+            raise ValueError(f"request of {len(frames[1]):,} bytes exceeds the router's message limit of "
+                             f"{P.MAX_MESSAGE_SIZE:,} bytes; send smaller args (or smaller map batches)")
         deadline = time.monotonic() + self.timeout
         while True:
             try:

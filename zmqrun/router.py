@@ -544,17 +544,26 @@ class Router:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
         if type(limit) is not int or limit <= 0:
             raise BadRequest("limit must be a positive integer")
+
+        def wanted(job: Job) -> bool:
+            return (status is None or job.status == status) and (script is None or job.script == script)
+
+        # Newest first.  The archive is walked from its newest end and stops at ``limit``
+        # matches, so a listing costs O(limit), not a sort of every job ever run, in the loop.
+        live = sorted((j for j in self.queue.jobs.values() if wanted(j)), key=lambda j: j.created_at, reverse=True)
+        done: list[Job] = []
+        for job in reversed(self.archive.values()):
+            if wanted(job):
+                done.append(job)
+                if len(done) >= limit:
+                    break
         out = []
-        # Newest first: ids are time-ordered UUIDv7, so reverse insertion order of both maps.
-        for source in (self.queue.jobs, self.archive):
-            for job in sorted(source.values(), key=lambda j: j.created_at, reverse=True):
-                if (status is None or job.status == status) and (script is None or job.script == script):
-                    d = job.wire()
-                    d.pop("logs")
-                    d.pop("args")
-                    out.append(d)
-        out.sort(key=lambda d: d["created_at"], reverse=True)
-        self._reply(ident, req, {"jobs": out[:limit]})
+        for job in sorted(live[:limit] + done, key=lambda j: j.created_at, reverse=True)[:limit]:
+            d = job.wire()
+            d.pop("logs")
+            d.pop("args")
+            out.append(d)
+        self._reply(ident, req, {"jobs": out})
 
     def _cancel(self, ident: bytes, req: Any, jid: Any, reason: str) -> None:
         job = self._find(jid)
