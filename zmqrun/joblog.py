@@ -34,9 +34,11 @@ job while the disk syncs.  Records nobody waits on (DISPATCH, FINISH) are
 written at once and synced by the next sync or within ``lazy_sync`` seconds
 (:meth:`sync_due`).  Each batch is written only after the previous one's sync
 returned, so at most the last batch can be torn.  There is deliberately no
-writer thread: measured here, a thread that syncs or frames fights the loop for
-the GIL at every pyzmq send (~20-25 µs per send instead of ~4) and costs more
-than the inline sync it would hide.
+writer thread: measured here (2 cores), a thread that syncs or frames fights the
+loop for the GIL at every pyzmq send (~20-25 µs per send instead of ~4), and a
+separate sync process (fdatasync works on the file from any process) avoids the
+GIL but adds wake-ups and context switches: one job in flight took ~595 µs with
+the thread, ~590 µs with the process and ~465 µs with the sync inline.
 
 Errors: a failed write or sync is never retried (Linux may mark failed pages
 clean, so a retry can falsely succeed): :attr:`failure` is set, the partial
