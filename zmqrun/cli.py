@@ -268,6 +268,12 @@ def status(address: str, client_timeout: float, as_json: bool) -> None:
     counts = st["counts"]
     click.echo(f"router {st['endpoint']} (fsync {st['fsync']}): queued {counts['queued']}, scheduled "
                f"{counts['scheduled']}, running {counts['running']}, finished {counts['finished']}")
+    lg = st.get("log", {})
+    if lg.get("syncs"):
+        click.echo(f"log: {lg['records']} records in {lg['batches']} batches, {lg['syncs']} fdatasyncs "
+                   f"({lg['records'] / lg['syncs']:.1f} records per sync)")
+    if st.get("dropped"):
+        click.echo("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items())))
     click.echo(f"{len(st['workers'])} worker(s):")
     for w in sorted(st["workers"], key=lambda w: (w["script"] or "", w["name"])):
         click.echo(f"  {w['name']:40}  {w['script'] or '(any script, cold)':40}  "

@@ -210,9 +210,10 @@ class Router:
                      n, len(live), requeued, len(self.archive))
 
     @staticmethod
-    def _job_from(d: dict[str, Any]) -> Job:
+    def _job_from(d: dict[str, Any], order: int = 0) -> Job:
+        """A Job from a normalized job dict (see :func:`normalize_job`), as submitted or replayed."""
         return Job(d["id"], d["script"], d["args"], d["priority"], d["scheduled_for"], d["timeout"],
-                   d["created_at"], 0)
+                   d["created_at"], order)
 
     # -- state transitions shared by live handling and replay ---------------------------
 
@@ -486,7 +487,7 @@ class Router:
         batch: dict[str, Job] = {}  # ids new in this batch: a repeat is a resubmit of the first
         known: list[Job] = []
         queue = self.queue
-        next_order = queue.next_order
+        next_order, job_from = queue.next_order, self._job_from
         for raw in raw_jobs:
             try:
                 d = normalize_job(raw, now)
@@ -498,8 +499,7 @@ class Router:
                 if existing.id not in batch:
                     known.append(existing)  # idempotent resubmit: same id, no second job
             else:
-                job = Job(d["id"], d["script"], d["args"], d["priority"], d["scheduled_for"], d["timeout"],
-                          now, next_order())
+                job = job_from(d, next_order())
                 new_jobs.append(job)
                 batch[job.id] = job
                 fresh.append(d)
@@ -599,6 +599,9 @@ class Router:
                          "expires_in": round(w.expires_at - mono, 3)} for w in self.queue.workers.values()],
             "counts": counts, "queued_by_script": dict(by_script), "endpoint": self.endpoint,
             "fsync": self.policy.mode, "pid": os.getpid(),
+            # Dropped input (malformed, bad requests, stale results) and group commit at work.
+            "dropped": dict(self.stats),
+            "log": {"records": self.log.last_seq, "batches": self.log.batches_written, "syncs": self.log.syncs},
         }
 
     # worker commands
@@ -674,9 +677,9 @@ class Router:
         module docstring.
         """
         by_client: dict[bytes, tuple[int, list[dict[str, Any]]]] = {}
-        live, archive = self.queue.jobs, self.archive
+        forget, archive = self.queue.remove, self.archive
         for job, out in done:
-            live.pop(job.id, None)
+            forget(job.id)
             archive[job.id] = job
             if job.watchers:
                 if out is None:

@@ -163,7 +163,6 @@ class Worker:
         os.set_blocking(self._wake_w, False)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._inline = script is not None and concurrency == 1
-        self.jobs_done = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -353,7 +352,6 @@ class Worker:
                 self._sock_lock.acquire()
                 self._in_job = False
             self._results.append(_result_bytes(job, frag, started, finished, logs))
-            self.jobs_done += 1
             now = time.monotonic()
             if len(self._results) == 1:
                 first_unflushed = now
@@ -371,7 +369,6 @@ class Worker:
             data = _result_bytes(job, b'"status":"failure","error":' + orjson.dumps(error_report(e)),
                                  time.time(), time.time(), "")
         self._done.append(data)
-        self.jobs_done += 1
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
