@@ -71,9 +71,15 @@ def main() -> None:
               help="missed heartbeats before a worker is declared lost")
 @click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1, 1000),
               help="dispatches before a lost job fails (WorkerLost)")
+@click.option("--segment-mb", default=64.0, show_default=True, type=click.FloatRange(0.004, 4096),
+              help="roll the log to a new segment at this size (MiB); a snapshot may follow each roll")
+@click.option("--retain-days", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="drop whole old log segments of finished jobs older than this [default: keep forever]")
+@click.option("--retain-mb", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="drop the oldest segments of finished jobs while the log is larger than this (MiB)")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
-           log_level: str) -> None:
+           segment_mb: float, retain_days: float | None, retain_mb: float | None, log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
 
@@ -82,7 +88,9 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
 
     _setup_logging(log_level)
     try:
-        code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts)
+        code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts,
+                          segment_bytes=max(4096, int(segment_mb * 1024 * 1024)), retain_days=retain_days,
+                          retain_bytes=int(retain_mb * 1024 * 1024) if retain_mb else None)
     except (LogCorruption, DataDirError, OSError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)

@@ -47,6 +47,7 @@ batch is truncated away, and the log accepts no more writes.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import fcntl
 import logging
@@ -54,9 +55,13 @@ import os
 import struct
 import time
 import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from .fsio import RealFS
+from .segindex import IndexCorrupt, SegmentIndex, index_name
 
 log = logging.getLogger("zmqrun.log")
 
@@ -69,7 +74,7 @@ REQUEUE = 5  # {"at", "jobs": [[id, attempt, reason], ...]}
 
 BATCH_MAGIC = 0x5A524231  # "ZRB1"
 SEGMENT_MAGIC = b"ZRSG"
-SEGMENT_VERSION = 1
+SEGMENT_VERSION = 2  # 2: terminal records carry what the archive needs (see router)
 CRC_ZLIB32 = 1
 MAX_BATCH = 16 * 1024 * 1024  # bytes; a larger body_len is corruption
 WRITE_BATCH_BYTES = 1024 * 1024  # write-side cap per batch (RocksDB groups up to 1 MB)
@@ -92,7 +97,8 @@ class LogCorruption(Exception):
     def __init__(self, path: Path, offset: int, why: str) -> None:
         super().__init__(
             f"log corruption in {path.name} at offset {offset}: {why}; refusing to start "
-            f"(nothing was changed; inspect the data dir before removing anything)"
+            f"(nothing was changed). See `zmqrun log check {path.parent}`; "
+            f"`zmqrun log repair {path.parent} --truncate-at-corruption` drops the log from there on"
         )
         self.path = path
         self.offset = offset
@@ -204,12 +210,14 @@ def parse_batch_header(data: bytes, off: int) -> tuple[int, int, int, int] | str
     return body_len, body_crc, first_seq, count
 
 
-def read_segment(path: Path, data: bytes, expect_seq: int | None) -> tuple[list[tuple[int, int, bytes]], int, BatchProblem | None]:
+def read_segment(path: Path, data: bytes, expect_seq: int | None, batches: array | None = None
+                 ) -> tuple[list[tuple[int, int, bytes]], int, BatchProblem | None]:
     """Read every valid batch of one segment's bytes.
 
     Returns (records as [(seq, type, payload)], end offset of the last good
     batch, problem or None).  ``expect_seq`` is the sequence number the first
-    batch must carry (None: take the segment header's).
+    batch must carry (None: take the segment header's).  ``batches``, if given,
+    receives a (first_seq, offset) pair per good batch.
     """
     if len(data) < SEGMENT_HEADER_SIZE:
         return [], 0, BatchProblem(0, "truncated segment header")
@@ -244,11 +252,19 @@ def read_segment(path: Path, data: bytes, expect_seq: int | None) -> tuple[list[
             records = decode_body(body, count)
         except ValueError as e:
             return out, off, BatchProblem(off, str(e))
+        if batches is not None:
+            batches.append(seq)
+            batches.append(off)
         for t, p in records:
             out.append((seq, t, p))
             seq += 1
         off = end
     return out, off, None
+
+
+def segment_first_seq(data: bytes) -> int:
+    """The first sequence number a (valid) segment header names."""
+    return _SEG.unpack_from(data)[4]
 
 
 def later_valid_batch(data: bytes, start: int) -> int | None:
@@ -264,31 +280,63 @@ def later_valid_batch(data: bytes, start: int) -> int | None:
 
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a create, rename or delete in it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    RealFS().fsync_dir(path)
+
+
+class Segment:
+    """One segment file as the log knows it.
+
+    ``batches`` is the in-memory batch table (flat array of (first_seq, offset)
+    pairs) while the segment has no index file; ``index`` the opened
+    :class:`~zmqrun.segindex.SegmentIndex` once it has one.  ``last_seq`` is
+    None for the active segment.
+    """
+
+    __slots__ = ("first_seq", "last_seq", "path", "batches", "index", "size")
+
+    def __init__(self, first_seq: int, path: Path) -> None:
+        self.first_seq = first_seq
+        self.last_seq: int | None = None
+        self.path = path
+        self.batches: array | None = array("q")
+        self.index: SegmentIndex | None = None
+        self.size = 0
+
+    def batch_for(self, seq: int) -> tuple[int, int] | None:
+        """(first_seq, offset) of the batch holding ``seq``, from the index or the in-memory table."""
+        if self.index is not None:
+            return self.index.batch_for(seq)
+        b = self.batches
+        if not b:
+            return None
+        firsts = b[0::2]
+        i = bisect.bisect_right(firsts, seq) - 1
+        return (b[2 * i], b[2 * i + 1]) if i >= 0 else None
 
 
 class JobLog:
     """One data dir's append-only log: recovery, then group-committed appends.
 
     Use: ``log = JobLog(dir, FsyncPolicy("always"))``; ``for seq, type, payload in
-    log.recover(): ...``; ``log.start()``; then ``seq = log.append(type, payload)``
+    log.recover(after_seq): ...``; ``log.start()``; then ``seq = log.append(type, payload)``
     and ``log.flush(need_durable)`` once per iteration of the owning loop; a
-    record is durable (for the mode) once ``seq <= log.durable_seq``.
-    ``close()`` flushes and syncs.  Not thread-safe: one owner thread.
+    record is durable (for the mode) once ``seq <= log.durable_seq``.  When the
+    active segment reaches ``segment_bytes``, :meth:`flush` seals it (after its
+    last batch) and opens the next; sealed segments wait in :attr:`sealed` for
+    the owner to index and snapshot them.  ``close()`` flushes and syncs.  Not
+    thread-safe: one owner thread.  ``fs``: the file-system layer (crash tests
+    pass a recording one).
 
     Raises :class:`LogLocked` if another process holds the dir and
     :class:`LogCorruption` from :meth:`recover` on mid-log damage.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], policy: FsyncPolicy | None = None,
-                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, fs: RealFS | None = None) -> None:
         self.dir = Path(data_dir)
         self.policy = policy or FsyncPolicy()
         self.segment_bytes = segment_bytes
+        self.fs = fs or RealFS()
         if self.dir.exists() and not self.dir.is_dir():
             raise DataDirError(f"data dir {self.dir} exists and is not a directory")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -305,70 +353,179 @@ class JobLog:
         self.failure: BaseException | None = None
         self._fd = -1
         self._seg_size = 0
+        self.segments: list[Segment] = []  # every segment present, oldest first; the last is active
+        self._firsts: list[int] = []  # first_seq of each segment, for bisection
+        self.sealed: list[Segment] = []  # sealed by flush(), not yet handed to the owner
         self._eager_seq = 0  # last record appended with eager=True
         self._unsynced_since: float | None = None  # monotonic time of the oldest unsynced write
         self.lazy_sync = 0.01  # seconds an unawaited record may stay unsynced in always mode
         self.batches_written = 0
         self.syncs = 0
+        self.replayed_bytes = 0
+        self._scanned = False
 
     # -- recovery -------------------------------------------------------------------------
 
-    def recover(self) -> Iterator[tuple[int, int, bytes]]:
-        """Yield every record (seq, type, payload) in order and prepare the tail for appends.
+    def scan_segments(self) -> list[Segment]:
+        """List the segment files (oldest first) and open the index of each that has one.
 
-        A torn tail (bad bytes at the end of the last segment with no valid batch
-        after them) is truncated with a warning naming file, offset and bytes
-        dropped.  Any other bad batch raises :class:`LogCorruption`.
+        An index that is torn or fails its CRC is left unopened (the segment is
+        then replayed or the index rebuilt by the owner).
         """
-        for tmp in self.dir.glob("*.tmp"):
-            tmp.unlink()
-        segments = list_segments(self.dir)
-        expect: int | None = None
-        for i, path in enumerate(segments):
+        fs = self.fs
+        names = sorted(n for n in fs.listdir(self.dir) if n.startswith("seg-") and n.endswith(".log"))
+        present = set(fs.listdir(self.dir))
+        segs = []
+        for name in names:
+            try:
+                first = int(name[4:-4])
+            except ValueError:
+                continue
+            seg = Segment(first, self.dir / name)
+            seg.size = os.stat(seg.path).st_size
+            if index_name(first) in present:
+                try:
+                    seg.index = SegmentIndex(self.dir / index_name(first))
+                except IndexCorrupt as e:
+                    log.warning("ignoring a damaged index (it will be rebuilt): %s", e)
+                else:
+                    seg.batches, seg.last_seq = None, seg.index.last_seq
+            segs.append(seg)
+        self.segments = segs
+        self._firsts = [s.first_seq for s in segs]
+        self._scanned = True
+        return segs
+
+    def recover(self, after_seq: int = 0) -> Iterator[tuple[int, int, bytes]]:
+        """Yield every record (seq, type, payload) after ``after_seq`` in order and prepare the tail.
+
+        ``after_seq`` is the sequence number a snapshot covers: segments wholly
+        at or before it are not read (their index files answer lookups), and
+        the first segment read must start at ``after_seq + 1``.  Call
+        :meth:`scan_segments` first (done here if not).  A torn tail (bad bytes at the end of the
+        last segment with no valid batch after them) is truncated with a warning
+        naming file, offset and bytes dropped.  Any other bad batch raises
+        :class:`LogCorruption`.
+        """
+        fs = self.fs
+        if not self._scanned:
+            self.scan_segments()
+        for name in fs.listdir(self.dir):
+            if name.endswith(".tmp"):
+                fs.unlink(self.dir / name)
+        segments = self.segments
+        expect: int | None = after_seq + 1 if after_seq else None
+        i = 0
+        while i < len(segments):
+            seg = segments[i]
+            nxt = segments[i + 1].first_seq if i + 1 < len(segments) else None
+            if after_seq and nxt is not None and nxt <= after_seq + 1:
+                i += 1  # wholly covered by the snapshot
+                continue
             last = i == len(segments) - 1
-            data = path.read_bytes()
-            records, good_end, problem = read_segment(path, data, expect)
+            data = fs.read_bytes(seg.path)
+            self.replayed_bytes += len(data)
+            seg.batches, seg.index = array("q"), None  # replayed: the table is rebuilt as we read
+            records, good_end, problem = read_segment(seg.path, data, expect, seg.batches)
             if problem is not None:
                 if not last:
-                    raise LogCorruption(path, problem.offset, problem.why + " (in a sealed segment)")
+                    raise LogCorruption(seg.path, problem.offset, problem.why + " (in a sealed segment)")
                 if problem.offset == 0 and problem.why in ("truncated segment header", "bad segment header") \
                         and len(data) <= SEGMENT_HEADER_SIZE:
                     # The segment's creation itself was torn: nothing in it was ever acknowledged.
-                    log.warning("%s: torn segment header (%d bytes); removing the empty segment", path.name, len(data))
-                    path.unlink()
-                    fsync_dir(self.dir)
+                    log.warning("%s: torn segment header (%d bytes); removing the empty segment",
+                                seg.path.name, len(data))
+                    fs.unlink(seg.path)
+                    fs.fsync_dir(self.dir)
                     segments.pop()
                     break
                 later = later_valid_batch(data, problem.offset)
                 if later is not None or problem.offset == 0:
-                    raise LogCorruption(path, problem.offset, problem.why +
+                    raise LogCorruption(seg.path, problem.offset, problem.why +
                                         (f"; a valid batch follows at offset {later}" if later is not None else ""))
                 dropped = len(data) - problem.offset
-                log.warning("%s: torn tail at offset %d (%s); truncating, %d bytes dropped",
-                            path.name, problem.offset, problem.why, dropped)
-                with open(path, "r+b") as f:
-                    f.truncate(problem.offset)
-                    f.flush()
-                    os.fdatasync(f.fileno())
+                if data.count(0, problem.offset) == dropped:
+                    log.warning("%s: %d zero bytes after offset %d (an unfinished write); truncating",
+                                seg.path.name, dropped, problem.offset)
+                else:
+                    log.warning("%s: torn tail at offset %d (%s); truncating, %d bytes dropped",
+                                seg.path.name, problem.offset, problem.why, dropped)
+                fs.truncate(seg.path, problem.offset)
+            seg.size = good_end if problem is not None else len(data)
             for rec in records:
                 yield rec
             if records:
                 expect = records[-1][0] + 1
             elif expect is None:
-                expect = _SEG.unpack_from(data)[4]
+                expect = segment_first_seq(data)
+            if not last:
+                seg.last_seq = expect - 1
+            i += 1
+        if expect is None and after_seq:
+            expect = after_seq + 1
         self._seq = self._written_seq = self.durable_seq = (expect - 1) if expect is not None else 0
+        self._firsts = [s.first_seq for s in segments]
+
+    def segment_of(self, seq: int) -> Segment | None:
+        """The segment holding sequence number ``seq`` (None if before the first)."""
+        firsts = self._firsts
+        if firsts and seq >= firsts[-1]:
+            return self.segments[-1]
+        i = bisect.bisect_right(firsts, seq) - 1
+        return self.segments[i] if i >= 0 else None
+
+    def read_record(self, seq: int) -> tuple[int, bytes] | None:
+        """The (type, payload) of written record ``seq``, read back from disk; None if it is gone
+        (its segment was removed by retention) or not written yet.  Raises :class:`LogCorruption`
+        if the batch read fails its checks."""
+        if seq > self._written_seq:
+            return None
+        seg = self.segment_of(seq)
+        if seg is None:
+            return None
+        loc = seg.batch_for(seq)
+        if loc is None:
+            return None
+        first, off = loc
+        try:
+            head = self.fs.pread(seg.path, BATCH_HEADER_SIZE, off)
+            parsed = parse_batch_header(head, 0)
+            if isinstance(parsed, str):
+                raise LogCorruption(seg.path, off, parsed)
+            body_len, body_crc, bseq, count = parsed
+            body = self.fs.pread(seg.path, body_len, off + BATCH_HEADER_SIZE)
+        except FileNotFoundError:
+            return None
+        if len(body) != body_len or zlib.crc32(body) != body_crc or bseq != first:
+            raise LogCorruption(seg.path, off, "batch failed its checks on read-back")
+        records = decode_body(body, count)
+        if not 0 <= seq - first < len(records):
+            return None
+        return records[seq - first]
 
     # -- writing --------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Open the tail segment for appends."""
-        segments = list_segments(self.dir)
-        if segments and segments[-1].stat().st_size < self.segment_bytes:
-            path = segments[-1]
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            self._seg_size = path.stat().st_size
+    def start(self, roll: bool = False) -> None:
+        """Open the tail segment for appends (a new one if there is none, it is full, or ``roll``).
+
+        A segment left behind is sealed and appended to :attr:`sealed`.
+        """
+        last = self.segments[-1] if self.segments else None
+        if last is not None and (last.first_seq > self._seq or (last.size < self.segment_bytes and not roll)):
+            # (a segment with no record yet is as good as a new one, roll or not)
+            seg = self.segments[-1]
+            self._fd = self.fs.open_append(seg.path)
+            self._seg_size = seg.size
         else:
+            if self.segments:
+                self.segments[-1].last_seq = self._written_seq
+                self.sealed.append(self.segments[-1])
             self._open_segment(self._seq + 1)
+
+    @property
+    def active(self) -> Segment:
+        """The segment appends go to."""
+        return self.segments[-1]
 
     def append(self, rtype: int, payload: bytes, eager: bool = False) -> int:
         """Queue one record; return its sequence number.  :meth:`flush` writes it.
@@ -397,32 +554,45 @@ class JobLog:
         every record gathered since the last one (group commit); otherwise the
         batch is written now and synced by the next such call or by
         :meth:`sync_due` within ``lazy_sync`` seconds.  In ``interval`` and
-        ``never`` modes records count as durable once written.  A failure sets
-        :attr:`failure` and is never retried.
+        ``never`` modes records count as durable once written.  If the active
+        segment reached ``segment_bytes``, it is synced, sealed (appended to
+        :attr:`sealed`) and the next one opened, so a segment boundary always
+        falls between loop iterations.  A failure sets :attr:`failure` and is never retried.
         """
         if self.failure is not None:
             return
         try:
             if self._pending:
-                if self._seg_size >= self.segment_bytes:
-                    os.fdatasync(self._fd)
-                    os.close(self._fd)
-                    self._open_segment(self._written_seq + 1)
+                batches = self.segments[-1].batches
                 while self._pending:
                     batch = self._take_batch()
                     frame = encode_batch(self._written_seq + 1, batch)
                     self._write_all(frame)
+                    batches.append(self._written_seq + 1)  # type: ignore[union-attr]
+                    batches.append(self._seg_size)  # type: ignore[union-attr]
                     self._seg_size += len(frame)
                     self._written_seq += len(batch)
                     self.batches_written += 1
                 if self._unsynced_since is None:
                     self._unsynced_since = time.monotonic()
+                if self._seg_size >= self.segment_bytes:
+                    self._roll()
             if self.policy.mode != "always":
                 self.durable_seq = self._written_seq
             elif (need_durable or self._eager_seq > self.durable_seq) and self.durable_seq < self._written_seq:
                 self._sync()
         except OSError as e:
             self._fail(e)
+
+    def _roll(self) -> None:
+        """Seal the active segment (sync, close) and open the next one."""
+        self._sync()
+        seg = self.segments[-1]
+        seg.last_seq, seg.size = self._written_seq, self._seg_size
+        self.fs.close(self._fd)
+        self._fd = -1
+        self.sealed.append(seg)
+        self._open_segment(self._written_seq + 1)
 
     def sync_due(self, now: float) -> float | None:
         """Sync if written records have waited too long; return when the next sync is due (monotonic) or None.
@@ -443,10 +613,24 @@ class JobLog:
         return None
 
     def _sync(self) -> None:
-        os.fdatasync(self._fd)
+        self.fs.fdatasync(self._fd)
         self.syncs += 1
         self.durable_seq = self._written_seq
         self._unsynced_since = None
+
+    def drop_segment(self, seg: Segment) -> None:
+        """Delete a sealed segment and its index (retention); the directory is fsynced."""
+        assert seg is not self.segments[-1], "the active segment is never dropped"
+        if seg.index is not None:
+            seg.index.close()
+        for path in (seg.path, self.dir / index_name(seg.first_seq)):
+            try:
+                self.fs.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.fs.fsync_dir(self.dir)
+        self.segments.remove(seg)
+        self._firsts = [s.first_seq for s in self.segments]
 
     def close(self) -> None:
         """Write and sync everything pending, release the dir lock."""
@@ -457,8 +641,12 @@ class JobLog:
                     self._sync()
                 except OSError as e:
                     self.failure = e
-            os.close(self._fd)
+            if self._fd >= 0:
+                self.fs.close(self._fd)
             self._fd = -1
+        for seg in self.segments:
+            if seg.index is not None:
+                seg.index.close()
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -466,14 +654,19 @@ class JobLog:
             pass
 
     def _open_segment(self, first_seq: int) -> None:
+        fs = self.fs
         path = self.dir / segment_name(first_seq)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = fs.create(path)
         head = segment_header(first_seq)
-        os.write(fd, head)
-        os.fdatasync(fd)
-        fsync_dir(self.dir)
+        fs.write(fd, head)
+        fs.fdatasync(fd)
+        fs.fsync_dir(self.dir)
         self._fd = fd
         self._seg_size = len(head)
+        seg = Segment(first_seq, path)
+        seg.size = len(head)
+        self.segments.append(seg)
+        self._firsts.append(first_seq)
 
     def _take_batch(self) -> list[tuple[int, bytes]]:
         batch: list[tuple[int, bytes]] = []
@@ -494,14 +687,15 @@ class JobLog:
     def _write_all(self, frame: bytes) -> None:
         start = self._seg_size
         view = memoryview(frame)
+        write = self.fs.write
         try:
             while view:
-                n = os.write(self._fd, view)
+                n = write(self._fd, view)
                 view = view[n:]
         except OSError:
             # ENOSPC or a short write: cut the partial batch off so the tail stays clean.
             try:
-                os.ftruncate(self._fd, start)
+                self.fs.ftruncate(self._fd, start)
             except OSError:
                 pass
             raise

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import QUEUED, RUNNING
+from .model import CANCELED, FAILURE, QUEUED, RUNNING, SUCCESS
 
 
 class Job:
@@ -64,6 +65,47 @@ class Job:
         if self.error is not None:
             return {"id": self.id, "status": self.status, "error": self.error}
         return {"id": self.id, "status": self.status, "result": self.result}
+
+
+def job_from(d: dict[str, Any], order: int = 0) -> Job:
+    """A queued Job from a normalized job dict (see :func:`zmqrun.router.normalize_job`), as submitted or replayed."""
+    return Job(d["id"], d["script"], d["args"], d["priority"], d["scheduled_for"], d["timeout"],
+               d["created_at"], order)
+
+
+# -- state transitions shared by live handling, replay and archive lookups ----------------
+
+def apply_result(job: Job, r: dict[str, Any]) -> dict[str, Any]:
+    """Record a worker's report ``r`` on ``job``; return ``r`` minus its logs, which doubles as the
+    outcome pushed to clients (no second dict per job on the hot path)."""
+    logs = r.pop("logs", "")
+    job.logs = logs if type(logs) is str else ""
+    if r.get("status") == SUCCESS:
+        job.status, job.result, job.error = SUCCESS, r.get("result"), None
+    else:
+        err = r.get("error")
+        if type(err) is not dict:
+            err = r["error"] = {"type": "WorkerError", "message": "malformed error report", "traceback": ""}
+        job.status, job.result, job.error = FAILURE, None, err
+        r["status"] = FAILURE
+    job.started_at = r.get("started_at") or job.started_at
+    job.finished_at = r.get("finished_at") or time.time()
+    return r
+
+
+def apply_cancel(job: Job, rec: dict[str, Any]) -> None:
+    """Mark ``job`` canceled by a CANCEL record ``rec`` ({"at", "reason"})."""
+    job.status = CANCELED
+    job.finished_at = rec["at"]
+    job.error = {"type": "Canceled", "message": rec.get("reason") or "canceled", "traceback": ""}
+
+
+def apply_lost(job: Job, reason: str, at: float) -> None:
+    """Mark ``job`` failed with WorkerLost after its last attempt's worker was lost."""
+    job.status = FAILURE
+    job.finished_at = at
+    job.error = {"type": "WorkerLost",
+                 "message": f"{reason}; gave up after {job.attempts} attempts", "traceback": ""}
 
 
 @dataclass

@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,14 @@ import orjson
 import zmq
 
 from . import protocol as P
-from .joblog import CANCEL, DISPATCH, FINISH, REQUEUE, SUBMIT, FsyncPolicy, JobLog
-from .model import CANCELED, FAILURE, FINISHED, QUEUED, RUNNING, STATUSES, SUCCESS, valid_job_id
-from .queue import Job, JobQueue, WorkerSlot
+from ._coldstart import _die_with_parent
+from .archive import Archive, job_from_state, state_of
+from .joblog import (CANCEL, DEFAULT_SEGMENT_BYTES, DISPATCH, FINISH, REQUEUE, SUBMIT, FsyncPolicy, JobLog,
+                     LogCorruption, Segment)
+from .segindex import SegmentIndex, encode_index, index_name, write_index
+from .snapshot import list_snapshots, load_latest, write_snapshot
+from .model import CANCELED, FINISHED, QUEUED, RUNNING, STATUSES, valid_job_id
+from .queue import Job, JobQueue, WorkerSlot, apply_cancel, apply_lost, apply_result, job_from
 from .scripts import ScriptError, split_spec
 
 log = logging.getLogger("zmqrun.router")
@@ -132,7 +138,9 @@ class Router:
 
     def __init__(self, bind: str, data_dir: str | os.PathLike[str], fsync: str | FsyncPolicy = "always",
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE) -> None:
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, retain_days: float | None = None,
+                 retain_bytes: int | None = None, background_checkpoints: bool = True) -> None:
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60) or not 1 <= liveness <= 100:
             raise ValueError("heartbeat must be 0.01 to 60 seconds and liveness 1 to 100")
         self.bind = bind
@@ -142,9 +150,25 @@ class Router:
         self.liveness = liveness
         self.max_attempts = max_attempts
         self.max_message_size = max_message_size
+        if segment_bytes < 4096:
+            raise ValueError("segment_bytes must be at least 4096")
+        if retain_days is not None and not (math.isfinite(retain_days) and retain_days > 0):
+            raise ValueError("retain_days must be a positive number of days")
+        if retain_bytes is not None and retain_bytes <= 0:
+            raise ValueError("retain_bytes must be a positive number of bytes")
+        self.segment_bytes = segment_bytes
+        self.retain_days = retain_days
+        self.retain_bytes = retain_bytes
+        # Index files and snapshots are written by a forked child (Redis BGSAVE) so the loop never waits
+        # on them; tests of crash points run them inline instead.
+        self.background_checkpoints = background_checkpoints
         self.queue = JobQueue()
-        self.archive: dict[str, Job] = {}  # finished jobs by id
         self.log: JobLog = None  # type: ignore[assignment]  # opened by open(), after the bind
+        self.archive: Archive = None  # type: ignore[assignment]  # finished jobs, looked up from the log
+        self._to_index: list[Segment] = []  # sealed segments waiting for their index file
+        self._child: tuple[int, list[Segment], int | None] | None = None  # (pid, segments, snapshot seq)
+        self._snap_bytes = 0  # size of the last snapshot's live state, estimated
+        self._bytes_since_snap = 0  # bytes of segments sealed since the last snapshot
         self._wake_r, self._wake_w = os.pipe()  # signal.set_wakeup_fd: a signal wakes the poll at once
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -159,17 +183,37 @@ class Router:
     # -- recovery -----------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Rebuild the queue and archive by replaying the log (see module docstring of joblog)."""
+        """Rebuild the queue and archive: load the newest snapshot, then replay the segments after it.
+
+        Raises :class:`LogCorruption` on mid-log damage (see :mod:`zmqrun.joblog`).
+        """
+        jlog = self.log
+        segs = jlog.scan_segments()
+        snap = load_latest(jlog.fs, self.data_dir)
+        after, states = snap if snap is not None else (0, [])
+        covered = [seg for i, seg in enumerate(segs[:-1]) if after and segs[i + 1].first_seq <= after + 1]
+        unindexed = [seg for seg in covered if seg.index is None]
+        if unindexed:
+            if segs[0].first_seq != 1:
+                raise LogCorruption(unindexed[0].path, 0, "its index file is missing or damaged and older "
+                                    "segments were removed by retention, so it cannot be rebuilt by replay")
+            log.warning("index of %s missing or damaged: replaying the whole log to rebuild it",
+                        unindexed[0].path.name)
+            after, states = 0, []
         jobs = self.queue.jobs
+        for d in states:
+            job = job_from_state(d)
+            jobs[job.id] = job
+        self.archive = archive = Archive(jlog)
         n = 0
-        for _seq, rtype, payload in self.log.recover():
+        for seq, rtype, payload in jlog.recover(after):
             n += 1
             rec = orjson.loads(payload)
             if rtype == SUBMIT:
                 for d in rec["jobs"]:
-                    if d["id"] not in jobs and d["id"] not in self.archive:
-                        job = self._job_from(d)
-                        job.submit_seq = _seq
+                    if d["id"] not in jobs and not archive.contains(d["id"]):
+                        job = job_from(d)
+                        job.submit_seq = seq
                         jobs[job.id] = job
             elif rtype == DISPATCH:
                 for jid, attempt in rec["jobs"]:
@@ -180,20 +224,20 @@ class Router:
                 for r in rec["results"]:
                     job = jobs.get(r.get("id")) if isinstance(r, dict) else None
                     if job is not None and job.status == RUNNING and r.get("attempt") == job.attempts:
-                        self._apply_result(job, r)
-                        self.archive[job.id] = jobs.pop(job.id)
+                        apply_result(job, r)
+                        self._archive_replayed(jobs.pop(job.id), seq)
             elif rtype == CANCEL:
                 job = jobs.get(rec["id"])
                 if job is not None:
-                    self._apply_cancel(job, rec)
-                    self.archive[job.id] = jobs.pop(job.id)
+                    apply_cancel(job, rec)
+                    self._archive_replayed(jobs.pop(job.id), seq)
             elif rtype == REQUEUE:
-                for jid, attempt, reason in rec["jobs"]:
+                for jid, attempt, reason, *_rest in rec["jobs"]:
                     job = jobs.get(jid)
                     if job is not None and job.attempts == attempt:
                         if rec.get("final"):
-                            self._apply_lost(job, reason, rec["at"])
-                            self.archive[job.id] = jobs.pop(job.id)
+                            apply_lost(job, reason, rec["at"])
+                            self._archive_replayed(jobs.pop(job.id), seq)
                         else:
                             job.status, job.worker = QUEUED, None
         now = time.time()
@@ -205,48 +249,138 @@ class Router:
                 requeued += 1
             job.order = self.queue.next_order()
             self.queue.add(job, now)
-        if n:
-            log.info("recovered %d log records: %d live jobs (%d were running, requeued), %d finished",
-                     n, len(live), requeued, len(self.archive))
+        # Replayed segments that are sealed get their index now; a long replay is cut short next
+        # time by a snapshot (which needs a segment boundary, so the active segment is sealed too).
+        jlog.start(roll=jlog.replayed_bytes >= self.segment_bytes)
+        self._to_index = [seg for seg in jlog.segments[:-1] if seg.index is None]
+        jlog.sealed.clear()  # start() may have sealed the replayed tail: it is in _to_index already
+        self._bytes_since_snap = jlog.replayed_bytes
+        if self._to_index:
+            self._checkpoint(background=False)
+        log.info("recovered from %s and %d log records (%.1f MB): %d live jobs (%d were running, requeued), "
+                 "%d finished", f"snapshot at {after}" if after else "the start of the log", n,
+                 jlog.replayed_bytes / 1e6, len(live), requeued, archive.count())
 
-    @staticmethod
-    def _job_from(d: dict[str, Any], order: int = 0) -> Job:
-        """A Job from a normalized job dict (see :func:`normalize_job`), as submitted or replayed."""
-        return Job(d["id"], d["script"], d["args"], d["priority"], d["scheduled_for"], d["timeout"],
-                   d["created_at"], order)
+    def _archive_replayed(self, job: Job, seq: int) -> None:
+        self.archive.add(job, seq, self.log.segment_of(seq))
+        self.archive.trim()  # the replayed records are on disk: the full jobs need not stay in memory
 
-    # -- state transitions shared by live handling and replay ---------------------------
+    # -- checkpoints: segment index files, snapshots, retention --------------------------
 
-    @staticmethod
-    def _apply_result(job: Job, r: dict[str, Any]) -> dict[str, Any]:
-        """Record a worker's report ``r`` on ``job``; return ``r`` minus its logs, which doubles as the
-        outcome pushed to clients (no second dict per job on the hot path)."""
-        logs = r.pop("logs", "")
-        job.logs = logs if type(logs) is str else ""
-        if r.get("status") == SUCCESS:
-            job.status, job.result, job.error = SUCCESS, r.get("result"), None
-        else:
-            err = r.get("error")
-            if type(err) is not dict:
-                err = r["error"] = {"type": "WorkerError", "message": "malformed error report", "traceback": ""}
-            job.status, job.result, job.error = FAILURE, None, err
-            r["status"] = FAILURE
-        job.started_at = r.get("started_at") or job.started_at
-        job.finished_at = r.get("finished_at") or time.time()
-        return r
+    def _checkpoint(self, background: bool | None = None) -> None:
+        """Write the index of every sealed segment waiting for one and, when due, a snapshot.
 
-    @staticmethod
-    def _apply_cancel(job: Job, rec: dict[str, Any]) -> None:
-        job.status = CANCELED
-        job.finished_at = rec["at"]
-        job.error = {"type": "Canceled", "message": rec.get("reason") or "canceled", "traceback": ""}
+        Called right after a log flush that sealed a segment, so the live state
+        in memory is exactly the state at the last written record (the sealed
+        segment's last record): the snapshot covers it.  A snapshot is due when
+        the bytes sealed since the last one reach max(segment size, last snapshot
+        size) (Redis' auto-aof-rewrite rule).  In the background the work runs in
+        a forked child that shares the parent's memory copy-on-write.
+        """
+        if self._child is not None or not self._to_index:
+            return
+        segs, self._to_index = self._to_index, []
+        jlog = self.log
+        at_boundary = segs[-1] is jlog.segments[-2] and segs[-1].last_seq == jlog.last_seq
+        snap_seq = segs[-1].last_seq if at_boundary and self._bytes_since_snap >= self._snap_bytes else None
+        entries = [self.archive.entries_of(seg) for seg in segs]
+        if background if background is not None else self.background_checkpoints:
+            parent = os.getpid()
+            pid = os.fork()
+            if pid == 0:  # the child: write files, touch no socket, leave without cleanup
+                code = 1
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    # A router killed mid-checkpoint takes its child along (a crash at any point of the
+                    # checkpoint is recoverable), so no orphan keeps the data dir's lock.
+                    _die_with_parent(parent)
+                    self._write_checkpoint(segs, entries, snap_seq)
+                    code = 0
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)
+            self._child = (pid, segs, snap_seq)
+            return
+        try:
+            self._write_checkpoint(segs, entries, snap_seq)
+        except OSError as e:
+            log.error("checkpoint failed (%s); the log itself is intact, retrying at the next roll", e)
+            self._to_index = segs + self._to_index
+            return
+        self._checkpoint_done(segs, snap_seq)
 
-    @staticmethod
-    def _apply_lost(job: Job, reason: str, at: float) -> None:
-        job.status = FAILURE
-        job.finished_at = at
-        job.error = {"type": "WorkerLost",
-                     "message": f"{reason}; gave up after {job.attempts} attempts", "traceback": ""}
+    def _write_checkpoint(self, segs: list[Segment], entries: list[dict[str, tuple[int, int]]],
+                          snap_seq: int | None) -> None:
+        fs, now = self.log.fs, time.time()
+        for seg, ents in zip(segs, entries):
+            min_submit = min((s for s, _e in ents.values()), default=seg.last_seq + 1)  # type: ignore[operator]
+            data = encode_index(seg.first_seq, seg.last_seq, ((k, s, e) for k, (s, e) in ents.items()),  # type: ignore[arg-type]
+                                seg.batches, min_submit, now)  # type: ignore[arg-type]
+            write_index(fs, self.data_dir / index_name(seg.first_seq), data)
+        if snap_seq is not None:
+            write_snapshot(fs, self.data_dir, snap_seq, [state_of(j) for j in self.queue.jobs.values()], now)
+
+    def _reap_child(self, block: bool = False) -> None:
+        assert self._child is not None
+        pid, segs, snap_seq = self._child
+        try:
+            done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 1
+        if done == 0:
+            return
+        self._child = None
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.error("checkpoint child failed (exit %s); the log itself is intact, retrying at the next roll",
+                      os.waitstatus_to_exitcode(status))
+            self._to_index = segs + self._to_index
+            return
+        self._checkpoint_done(segs, snap_seq, verify=False)
+
+    def _checkpoint_done(self, segs: list[Segment], snap_seq: int | None, verify: bool = True) -> None:
+        for seg in segs:
+            seg.index = SegmentIndex(self.data_dir / index_name(seg.first_seq), verify=verify)
+            _n = len(self.archive.open.get(seg.first_seq, {}))
+            if _n != seg.index.n_entries:
+                log.error("DEBUG index %s has %d entries, open dict %d, active %d, segs %s", seg.first_seq, seg.index.n_entries, _n, self.log.segments[-1].first_seq, [x.first_seq for x in segs])
+            seg.batches = None
+            self.archive.indexed(seg)
+        if snap_seq is not None:
+            self._bytes_since_snap = 0
+            self._snap_bytes = 200 * len(self.queue.jobs)  # bytes per live job, roughly
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        """Remove whole old segments (log-format.md section 7): those past ``retain_days`` or beyond
+        ``retain_bytes``, and those no finished job needs.  Never one the older kept snapshot does not
+        cover (so falling back to it still works) nor one holding a live job's SUBMIT."""
+        jlog = self.log
+        snaps = list_snapshots(jlog.fs, self.data_dir)
+        if len(snaps) < 2:
+            return
+        horizon = snaps[-2]
+        live_min = min((j.submit_seq for j in self.queue.jobs.values()), default=jlog.last_seq + 1)
+        sealed = [seg for seg in jlog.segments[:-1] if seg.index is not None]
+        total = sum(seg.size for seg in jlog.segments)
+        now = time.time()
+        for i, seg in enumerate(sealed):
+            idx = seg.index
+            assert idx is not None and seg.last_seq is not None
+            if seg.last_seq > horizon or seg.last_seq >= live_min:
+                return
+            later_min = min([s.index.min_submit_seq for s in sealed[i + 1:]] +  # type: ignore[union-attr]
+                            self.archive.open_min_submit())
+            expired = (self.retain_days is not None and idx.sealed_at < now - self.retain_days * 86400) or \
+                      (self.retain_bytes is not None and total > self.retain_bytes)
+            unneeded = idx.n_entries == 0 and seg.last_seq < later_min
+            if not (expired or unneeded):
+                return
+            log.info("retention: removing %s (%d finished jobs, %d bytes)", seg.path.name, idx.n_entries, seg.size)
+            jlog.drop_segment(seg)
+            self.archive.expire_through(seg.last_seq)
+            total -= seg.size
 
     # -- socket -------------------------------------------------------------------------
 
@@ -283,9 +417,8 @@ class Router:
             raise
         self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = s
-        self.log = JobLog(self.data_dir, self.policy)
+        self.log = JobLog(self.data_dir, self.policy, self.segment_bytes)
         self.recover()
-        self.log.start()
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its current iteration and shut down (signal-safe)."""
@@ -328,21 +461,40 @@ class Router:
                 self._drain(sock)  # checks EVENTS itself: cheap when only the wake pipe fired
                 if len(ready) > 1 or ready[0][0] == self._wake_r:
                     os.read(self._wake_r, 512)  # a signal arrived: drain its byte(s)
-            if self._dirty:
-                self._dirty = False
-                self._dispatch(time.time())  # before the sync: workers run while the disk syncs
-            # One write (and, if an ACK or result waits on it, one fdatasync) for the whole iteration.
-            jlog.flush(need_durable=bool(self._gated))
-            if jlog.failure is not None:
+            if not self._commit():
                 code = self._fail_log()
                 break
-            if self._gated:
-                self._flush_gated()
             if mono >= next_beat:
                 self._beat(mono)
                 next_beat = mono + self.heartbeat
         self._shutdown()
         return code
+
+    def _commit(self) -> bool:
+        """The second half of a loop iteration, after the drain: dispatch, write the log, send what
+        waited on it, checkpoint.  Returns False if the log failed.  (Crash tests drive the router
+        through :meth:`_handle` and this method, without a socket loop.)"""
+        jlog = self.log
+        if self._dirty:
+            self._dirty = False
+            self._dispatch(time.time())  # before the sync: workers run while the disk syncs
+        # One write (and, if an ACK or result waits on it, one fdatasync) for the whole iteration.
+        jlog.flush(need_durable=bool(self._gated))
+        if jlog.failure is not None:
+            return False
+        if self._gated:
+            self._flush_gated()
+        self.archive.trim()
+        if jlog.sealed:  # a segment was sealed just now: the state in memory is at its boundary
+            self._to_index.extend(jlog.sealed)
+            self._bytes_since_snap += sum(seg.size for seg in jlog.sealed)
+            jlog.sealed.clear()
+            self._checkpoint()
+        if self._child is not None:
+            self._reap_child()
+            if self._child is None and self._to_index:
+                self._checkpoint()  # segments sealed while the child ran: index them now (no snapshot)
+        return True
 
     def _drain(self, sock: zmq.Socket) -> None:
         msgs = P.recv_ready(sock, MAX_DRAIN)
@@ -354,6 +506,8 @@ class Router:
 
     def _shutdown(self) -> None:
         log.info("router stopping: flushing the job log")
+        if self._child is not None:
+            self._reap_child(block=True)  # a checkpoint in progress is small and bounded: let it finish
         self.log.close()
         if self.log.failure is None:
             self._flush_gated()
@@ -487,14 +641,20 @@ class Router:
         batch: dict[str, Job] = {}  # ids new in this batch: a repeat is a resubmit of the first
         known: list[Job] = []
         queue = self.queue
-        next_order, job_from = queue.next_order, self._job_from
+        next_order, archived = queue.next_order, self.archive.contains
         for raw in raw_jobs:
             try:
                 d = normalize_job(raw, now)
             except BadRequest as e:
                 rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": str(e)})
                 continue
-            existing = queue.jobs.get(d["id"]) or self.archive.get(d["id"]) or batch.get(d["id"])
+            jid = d["id"]
+            existing = queue.jobs.get(jid) or batch.get(jid)
+            if existing is None and archived(jid):
+                existing = self.archive.get(jid)
+                if existing is None:
+                    rejected.append({"id": jid, "error": f"job id {jid} was used by a job that has expired"})
+                    continue
             if existing is not None:
                 if existing.id not in batch:
                     known.append(existing)  # idempotent resubmit: same id, no second job
@@ -552,7 +712,8 @@ class Router:
         # matches, so a listing costs O(limit), not a sort of every job ever run, in the loop.
         live = sorted((j for j in self.queue.jobs.values() if wanted(j)), key=lambda j: j.created_at, reverse=True)
         done: list[Job] = []
-        for job in reversed(self.archive.values()):
+        # Beyond the recent jobs held in memory, older ones are rebuilt from the log: bounded per request.
+        for job in self.archive.newest(budget=max(1000, 4 * limit)):
             if wanted(job):
                 done.append(job)
                 if len(done) >= limit:
@@ -580,10 +741,10 @@ class Router:
                                                 f"{job.worker}; interrupting running jobs is not supported yet"})
             return
         now = time.time()
-        rec = {"at": now, "id": job.id, "reason": reason}
+        rec = {"at": now, "id": job.id, "reason": reason, "attempts": job.attempts}
         seq = self.log.append(CANCEL, orjson.dumps(rec), eager=True)
-        self._apply_cancel(job, rec)
-        self._finish_batch([(job, None)])
+        apply_cancel(job, rec)
+        self._finish_batch([(job, None)], seq)
         self._send_gated(seq, ident, [P.H_REPLY, orjson.dumps({"req": req, "canceled": True, "status": CANCELED,
                                                                "message": "canceled"})])
 
@@ -591,7 +752,7 @@ class Router:
         """Workers (name, script, credit, in_flight) and job counts, for ``zmqrun status``."""
         now, mono = time.time(), time.monotonic()
         counts = self.queue.counts(now)
-        counts["finished"] = len(self.archive)
+        counts["finished"] = self.archive.count()
         by_script: dict[str, int] = collections.Counter(
             j.script for j in self.queue.jobs.values() if j.status == QUEUED and j.scheduled_for <= now)
         return {
@@ -601,7 +762,9 @@ class Router:
             "fsync": self.policy.mode, "pid": os.getpid(),
             # Dropped input (malformed, bad requests, stale results) and group commit at work.
             "dropped": dict(self.stats),
-            "log": {"records": self.log.last_seq, "batches": self.log.batches_written, "syncs": self.log.syncs},
+            "log": {"records": self.log.last_seq, "batches": self.log.batches_written, "syncs": self.log.syncs,
+                    "segments": len(self.log.segments), "bytes": sum(seg.size for seg in self.log.segments[:-1])
+                    + self.log._seg_size, "snapshot": (list_snapshots(self.log.fs, self.data_dir) or [None])[-1]},
         }
 
     # worker commands
@@ -650,6 +813,8 @@ class Router:
         results = msg.get("results") if isinstance(msg, dict) else None
         if not isinstance(results, list):
             raise BadRequest("RESULT body must be {\"results\": [...]}")
+        if msg.get("worker") != w.name:  # the body is logged as is: make it name the registered worker
+            body = orjson.dumps({**msg, "worker": w.name})
         jobs, in_flight = self.queue.jobs, w.in_flight
         done: list[tuple[Job, dict[str, Any]]] = []
         for r in results:
@@ -660,27 +825,27 @@ class Router:
                 self.stats["stale_results"] += 1  # a late result of an older attempt: drop it
                 continue
             del in_flight[jid]
-            done.append((job, self._apply_result(job, r)))
+            done.append((job, apply_result(job, r)))
         if not done:
             return
         # The worker's body is logged as is (no re-encode); replay applies the same attempt check.
-        self.log.append(FINISH, body)
-        self._finish_batch(done)
+        self._finish_batch(done, self.log.append(FINISH, body))
         self._dirty = True
 
-    def _finish_batch(self, done: list[tuple[Job, dict[str, Any] | None]]) -> None:
+    def _finish_batch(self, done: list[tuple[Job, dict[str, Any] | None]], end_seq: int) -> None:
         """Archive finished jobs and push their outcomes to watching clients.
 
-        ``done`` holds (job, outcome dict or None to build one).  One message per
+        ``done`` holds (job, outcome dict or None to build one); ``end_seq`` is the
+        terminal record (FINISH, CANCEL, final REQUEUE) they share.  One message per
         client carries all of its outcomes.  Each is gated on the job's SUBMIT
         record (so the ACK goes out first), not on the FINISH record: see the
         module docstring.
         """
         by_client: dict[bytes, tuple[int, list[dict[str, Any]]]] = {}
-        forget, archive = self.queue.remove, self.archive
+        forget, archive = self.queue.remove, self.archive.add
         for job, out in done:
             forget(job.id)
-            archive[job.id] = job
+            archive(job, end_seq)
             if job.watchers:
                 if out is None:
                     out = job.outcome()
@@ -711,11 +876,11 @@ class Router:
             self.log.append(REQUEUE, orjson.dumps({"at": now, "jobs": [[j.id, j.attempts, why] for j in again]}))
             log.warning("%s: %d running job(s) back to the queue", why, len(again))
         if final:
-            self.log.append(REQUEUE, orjson.dumps(
-                {"at": now, "final": True, "jobs": [[j.id, j.attempts, why] for j in final]}))
+            seq = self.log.append(REQUEUE, orjson.dumps(
+                {"at": now, "final": True, "jobs": [[j.id, j.attempts, why, w.name, j.started_at] for j in final]}))
             for j in final:
-                self._apply_lost(j, why, now)
-            self._finish_batch([(j, None) for j in final])
+                apply_lost(j, why, now)
+            self._finish_batch([(j, None) for j in final], seq)
         self._dirty = True
 
     def _dispatch(self, now: float) -> None:
@@ -739,6 +904,7 @@ class Router:
 def run_router(bind: str, data_dir: str, fsync: str = "always", **kw: Any) -> int:
     """Run a router in this process until SIGTERM/SIGINT; return its exit code."""
     router = Router(bind, data_dir, fsync, **kw)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # checkpoint children are reaped with waitpid
     signal.signal(signal.SIGTERM, router.stop)
     signal.signal(signal.SIGINT, router.stop)
     signal.set_wakeup_fd(router._wake_w)

@@ -147,6 +147,7 @@ class Worker:
         nonce = os.urandom(3).hex()
         self.name = name or f"w-{_socket.gethostname()}-{os.getpid()}-{nonce}"
         self.identity = self.name.encode()[:200]
+        self._result_prefix = b'{"worker":' + orjson.dumps(self.name[:200]) + b',"results":['
         self.func: Callable[..., Any] | None = None
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
@@ -332,7 +333,8 @@ class Worker:
 
     def _flush(self) -> None:
         if self._results:
-            body = b'{"results":[' + b",".join(self._results) + b"]}"
+            # The worker's name rides along so the router can log this body as is (the archive needs it).
+            body = self._result_prefix + b",".join(self._results) + b"]}"
             self._results.clear()
             self._send([P.H_W_RESULT, body])
 

@@ -1,0 +1,142 @@
+"""Segments, index files, snapshots and retention, end to end with a real router on tiny segments."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import Cluster, wait_until, write_script
+from zmqrun import segindex, snapshot
+from zmqrun.fsio import RealFS
+
+ECHO = """\
+def echo(i, pad=""):
+    print(f"job {i}")
+    return {"i": i, "pad": pad}
+"""
+
+SEGMENT = ("--segment-mb", "0.01")  # ~10 KiB segments: a few hundred jobs roll many times
+
+
+def _files(data_dir: Path, pattern: str) -> list[Path]:
+    return sorted(data_dir.glob(pattern))
+
+
+def test_rolls_write_index_files_and_snapshots_and_restart_reads_old_jobs_from_disk(
+        zr: Cluster, tmp_path: Path) -> None:
+    script = f"{write_script(tmp_path, 'echo.py', ECHO)}:echo"
+    zr.start_router(extra=SEGMENT)
+    zr.start_worker(script)
+    c = zr.client()
+    n = 1500
+    jobs = [c.submit(script, {"i": i}) for i in range(n)]
+    assert [j.result(timeout=60) for j in jobs] == [{"i": i, "pad": ""} for i in range(n)]
+    delayed = c.submit(script, {"i": -1}, delay=3600)  # live across the restart, inside a snapshot
+
+    segs = _files(zr.data_dir, "seg-*.log")
+    assert len(segs) > 10, [p.name for p in segs]
+    # Every sealed segment gets its index (written by a forked child: wait for it).
+    wait_until(lambda: len(_files(zr.data_dir, "seg-*.idx")) >= len(_files(zr.data_dir, "seg-*.log")) - 1,
+               timeout=20, what="an index file per sealed segment")
+    snaps = snapshot.list_snapshots(RealFS(), zr.data_dir)
+    assert 1 <= len(snaps) <= snapshot.KEEP_SNAPSHOTS
+    assert (zr.data_dir / "CURRENT").exists()
+
+    zr.router_proc.kill9()
+    zr.start_router(address=zr.address, extra=SEGMENT)
+    out = zr.router_proc.output()
+    m = re.search(r"recovered from snapshot at (\d+)", out)
+    assert m, out
+    assert int(m.group(1)) >= max(snaps)
+    # The first jobs are long out of the recent-jobs cache: these reads come from index files and segments.
+    for i in (0, 1, n // 2, n - 1):
+        rec = c.get(jobs[i].id)
+        assert rec.status == "success" and rec.result == {"i": i, "pad": ""}
+        assert rec.args == {"i": i} and rec.script == script
+        assert rec.logs == f"job {i}\n" and rec.attempts == 1 and rec.worker
+        assert rec.created_at and rec.started_at and rec.finished_at
+    assert c.get(delayed.id).status == "queued"
+    listed = c.list_jobs(limit=n + 10)
+    ids = [r.id for r in listed]
+    miss = [i for i, j in enumerate(jobs) if j.id not in set(ids)]
+    if miss:
+        import shutil, os
+        shutil.copytree(zr.data_dir, f"/tmp/zr-main/fail-{os.getpid()}")
+        open(f"/tmp/zr-main/fail-{os.getpid()}/missing", "w").write("\n".join(jobs[i].id for i in miss))
+        print("MISSING", miss, f"/tmp/zr-main/fail-{os.getpid()}")
+    assert len(ids) == len(set(ids)) == n + 1
+    st = c.status()
+    assert st["counts"]["finished"] == n and st["counts"]["scheduled"] == 1
+    with pytest.raises(KeyError):
+        c.get("no-such-job")
+
+
+def test_retention_by_size_keeps_disk_bounded_and_old_jobs_read_as_unknown(zr: Cluster, tmp_path: Path) -> None:
+    script = f"{write_script(tmp_path, 'echo.py', ECHO)}:echo"
+    zr.start_router(extra=(*SEGMENT, "--retain-mb", "0.5"))
+    zr.start_worker(script)
+    c = zr.client()
+    pad = "x" * 200
+    first = c.submit(script, {"i": 0, "pad": pad})
+    first.result(timeout=30)
+    sizes, largest, written = [], 0, 0
+    for _round in range(12):
+        assert len(c.map(script, [{"i": i, "pad": pad} for i in range(300)])) == 300
+        wait_until(lambda: len(_files(zr.data_dir, "seg-*.idx")) >= len(_files(zr.data_dir, "seg-*.log")) - 1,
+                   timeout=20, what="index files")
+        segs = {p.name: p.stat().st_size for p in _files(zr.data_dir, "seg-*.log")}
+        largest = max(largest, *segs.values())
+        sizes.append(sum(segs.values()))
+        written += 300 * 400  # at least this many bytes of log per round (SUBMIT + FINISH of 300 padded jobs)
+    # Disk use levels off: the cap, plus the segments the older kept snapshot does not cover yet (a
+    # segment rolls after a whole loop iteration's batch, so one can be well past --segment-mb).
+    assert max(sizes) <= 0.5 * 1024 * 1024 + 3 * largest, (sizes, largest)
+    assert max(sizes) < written / 2, (sizes, written)
+    assert not zr.data_dir.joinpath("seg-00000000000000000001.log").exists()
+    with pytest.raises(KeyError):
+        c.get(first.id)
+    last = c.list_jobs(limit=1)[0]
+    assert c.get(last.id).status == "success"
+
+
+def test_index_file_round_trip_and_lookup(tmp_path: Path) -> None:
+    from array import array
+
+    entries = [(f"0190-{i:04d}", 10 + i, 100 + i) for i in range(0, 400, 3)]
+    batches = array("q", [100, 32, 150, 4000, 300, 9000])
+    data = segindex.encode_index(100, 499, entries, batches, min_submit_seq=10, sealed_at=1.5)
+    path = tmp_path / segindex.index_name(100)
+    segindex.write_index(RealFS(), path, data)
+    idx = segindex.SegmentIndex(path)
+    assert (idx.first_seq, idx.last_seq, idx.n_entries, idx.min_submit_seq, idx.sealed_at) == (100, 499, 134, 10, 1.5)
+    for jid, s, e in entries:
+        assert idx.find(jid) == (s, e)
+    assert idx.find("0190-0001") is None and idx.find("zzz") is None and idx.find("0") is None
+    assert idx.batch_for(100) == (100, 32) and idx.batch_for(149) == (100, 32)
+    assert idx.batch_for(150) == (150, 4000) and idx.batch_for(499) == (300, 9000)
+    assert idx.batch_for(99) is None and idx.batch_for(500) is None
+    assert sorted(idx.entries()) == sorted(entries)
+    idx.close()
+    raw = bytearray(path.read_bytes())
+    raw[-20] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(segindex.IndexCorrupt, match="CRC"):
+        segindex.SegmentIndex(path)
+
+
+def test_snapshot_falls_back_to_the_older_one_when_the_newest_is_damaged(tmp_path: Path) -> None:
+    fs = RealFS()
+    snapshot.write_snapshot(fs, tmp_path, 10, [{"id": "a"}], at=1.0)
+    snapshot.write_snapshot(fs, tmp_path, 20, [{"id": "b"}], at=2.0)
+    snapshot.write_snapshot(fs, tmp_path, 30, [{"id": "c"}], at=3.0)
+    assert snapshot.list_snapshots(fs, tmp_path) == [20, 30]  # two kept
+    assert snapshot.load_latest(fs, tmp_path) == (30, [{"id": "c"}])
+    newest = tmp_path / snapshot.snapshot_name(30)
+    raw = bytearray(newest.read_bytes())
+    raw[-3] ^= 0x40
+    newest.write_bytes(bytes(raw))
+    assert snapshot.load_latest(fs, tmp_path) == (20, [{"id": "b"}])
+    (tmp_path / "CURRENT").write_bytes(b"garbage")
+    assert snapshot.load_latest(fs, tmp_path) == (20, [{"id": "b"}])

@@ -1,0 +1,193 @@
+"""The finished-job archive: lookups by id answered from the log, not from a dict of every job.
+
+What stays in memory:
+
+- ``recent``: the last :data:`RECENT_JOBS` finished jobs as full :class:`Job`
+  objects (results and logs), so ``wait``/``get`` right after a job finishes
+  costs no disk read;
+- per segment without an index file (the active one, and a sealed one until its
+  index is written): ``{job id: (submit_seq, end_seq)}``;
+- per sealed segment: its :class:`~zmqrun.segindex.SegmentIndex`, searched
+  through mmap.
+
+Any other finished job is rebuilt from two records read back from the log: its
+SUBMIT (script, args, times) and its terminal record (FINISH, CANCEL or final
+REQUEUE: outcome, worker, attempts).  A job whose records were removed by
+retention is unknown ("expired"), which is what a lookup then says.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any, Iterator
+
+import orjson
+
+from .joblog import CANCEL, FINISH, REQUEUE, SUBMIT, JobLog, LogCorruption, Segment
+from .queue import Job, apply_cancel, apply_lost, apply_result, job_from
+
+log = logging.getLogger("zmqrun.router")
+
+RECENT_JOBS = 4096
+
+
+class Archive:
+    """Finished jobs of one router (see the module docstring).  Not thread-safe: the router loop owns it."""
+
+    def __init__(self, jlog: JobLog, recent_max: int = RECENT_JOBS) -> None:
+        self.log = jlog
+        self.recent: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self.recent_max = recent_max
+        self.open: dict[int, dict[str, tuple[int, int]]] = {}  # segment first_seq -> entries (no index yet)
+        self._open_min: dict[int, int] = {}  # segment first_seq -> smallest submit_seq among its entries
+
+    # -- adding -------------------------------------------------------------------------
+
+    def add(self, job: Job, end_seq: int, seg: Segment | None = None) -> None:
+        """Record that ``job`` finished with terminal record ``end_seq`` (in ``seg``, default: the active one)."""
+        self.recent[job.id] = job
+        first = (seg or self.log.segments[-1]).first_seq
+        entries = self.open.get(first)
+        if entries is None:
+            entries = self.open[first] = {}
+        entries[job.id] = (job.submit_seq, end_seq)
+        if end_seq < first:
+            log.error("DEBUG add %s end %d keyed to segment %d", job.id, end_seq, first)
+        if job.submit_seq < self._open_min.get(first, end_seq + 1):
+            self._open_min[first] = job.submit_seq
+
+    def trim(self) -> None:
+        """Drop the oldest full jobs beyond ``recent_max`` (call after the log flush: they are on disk then)."""
+        recent = self.recent
+        while len(recent) > self.recent_max:
+            recent.popitem(last=False)
+
+    def entries_of(self, seg: Segment) -> dict[str, tuple[int, int]]:
+        """The (submit_seq, end_seq) entries of jobs that finished in ``seg`` and have no index file yet."""
+        return self.open.get(seg.first_seq, {})
+
+    def indexed(self, seg: Segment) -> None:
+        """``seg``'s index file is written and opened: forget its in-memory entries."""
+        self.open.pop(seg.first_seq, None)
+        self._open_min.pop(seg.first_seq, None)
+
+    def expire_through(self, seq: int) -> None:
+        """Records up to ``seq`` were removed by retention: forget recent jobs submitted in them (they now
+        read as unknown, like every other job whose records are gone)."""
+        for jid in [jid for jid, job in self.recent.items() if job.submit_seq <= seq]:
+            del self.recent[jid]
+
+    def open_min_submit(self) -> list[int]:
+        """The smallest SUBMIT sequence number referenced by each segment without an index (retention)."""
+        return list(self._open_min.values())
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def locate(self, job_id: str) -> tuple[int, int] | None:
+        """(submit_seq, end_seq) of a finished job, or None if unknown."""
+        for entries in self.open.values():
+            hit = entries.get(job_id)
+            if hit is not None:
+                return hit
+        for seg in reversed(self.log.segments):
+            if seg.index is not None:
+                hit = seg.index.find(job_id)
+                if hit is not None:
+                    return hit
+        return None
+
+    def contains(self, job_id: str) -> bool:
+        """True if ``job_id`` finished (and is not expired)."""
+        return job_id in self.recent or self.locate(job_id) is not None
+
+    def get(self, job_id: str) -> Job | None:
+        """The finished job, rebuilt from the log if it is not among the recent ones; None if unknown or expired."""
+        job = self.recent.get(job_id)
+        if job is not None:
+            return job
+        loc = self.locate(job_id)
+        return self.rebuild(job_id, *loc) if loc is not None else None
+
+    def rebuild(self, job_id: str, submit_seq: int, end_seq: int) -> Job | None:
+        """A finished :class:`Job` from its SUBMIT and terminal records; None if either is gone."""
+        try:
+            sub = self.log.read_record(submit_seq)
+            end = self.log.read_record(end_seq)
+        except LogCorruption as e:  # a lookup must not take the router down: the job reads as unknown
+            log.error("cannot read job %s back from the log: %s", job_id, e)
+            return None
+        if sub is None or end is None or sub[0] != SUBMIT:
+            return None
+        d = next((j for j in orjson.loads(sub[1])["jobs"] if j["id"] == job_id), None)
+        if d is None:
+            return None
+        job = job_from(d)
+        job.submit_seq = submit_seq
+        rtype, payload = end
+        rec = orjson.loads(payload)
+        if rtype == FINISH:
+            mine = [r for r in rec["results"] if isinstance(r, dict) and r.get("id") == job_id]
+            if not mine:
+                return None
+            r = max(mine, key=lambda r: r.get("attempt") or 0)
+            job.worker, job.attempts = rec.get("worker"), r.get("attempt") or 0
+            apply_result(job, r)
+        elif rtype == CANCEL:
+            job.attempts = rec.get("attempts", 0)
+            apply_cancel(job, rec)
+        elif rtype == REQUEUE:
+            entry = next((e for e in rec["jobs"] if e[0] == job_id), None)
+            if entry is None:
+                return None
+            job.attempts, job.worker = entry[1], entry[3] if len(entry) > 3 else None
+            job.started_at = entry[4] if len(entry) > 4 else None
+            apply_lost(job, entry[2], rec["at"])
+        else:
+            return None
+        return job
+
+    def count(self) -> int:
+        """How many finished jobs the archive holds."""
+        n = sum(len(e) for e in self.open.values())
+        return n + sum(seg.index.n_entries for seg in self.log.segments if seg.index is not None)
+
+    def newest(self, budget: int) -> Iterator[Job]:
+        """Finished jobs, most recently finished first: the recent ones, then up to ``budget`` rebuilt from disk."""
+        seen = set()
+        for job in reversed(self.recent.values()):
+            seen.add(job.id)
+            yield job
+        for seg in reversed(self.log.segments):
+            if budget <= 0:
+                return
+            if seg.index is not None:
+                items = sorted(seg.index.entries(), key=lambda e: e[2], reverse=True)
+            else:
+                items = sorted(((k, s, e) for k, (s, e) in self.open.get(seg.first_seq, {}).items()),
+                               key=lambda e: e[2], reverse=True)
+            for jid, s, e in items:
+                if jid in seen:
+                    continue
+                if budget <= 0:
+                    return
+                budget -= 1
+                job = self.rebuild(jid, s, e)
+                if job is not None:
+                    yield job
+
+
+def state_of(job: Job) -> dict[str, Any]:
+    """A live job as a snapshot entry (every field replay needs)."""
+    return {"id": job.id, "script": job.script, "args": job.args, "priority": job.priority,
+            "scheduled_for": job.scheduled_for, "timeout": job.timeout, "created_at": job.created_at,
+            "status": job.status, "attempts": job.attempts, "worker": job.worker,
+            "started_at": job.started_at, "submit_seq": job.submit_seq}
+
+
+def job_from_state(d: dict[str, Any]) -> Job:
+    """The inverse of :func:`state_of`."""
+    job = job_from(d)
+    job.status, job.attempts, job.worker = d["status"], d["attempts"], d["worker"]
+    job.started_at, job.submit_seq = d["started_at"], d["submit_seq"]
+    return job
