@@ -41,7 +41,8 @@ def test_rolls_write_index_files_and_snapshots_and_restart_reads_old_jobs_from_d
     wait_until(lambda: len(_files(zr.data_dir, "seg-*.idx")) >= len(_files(zr.data_dir, "seg-*.log")) - 1,
                timeout=20, what="an index file per sealed segment")
     snaps = snapshot.list_snapshots(RealFS(), zr.data_dir)
-    assert 1 <= len(snaps) <= snapshot.KEEP_SNAPSHOTS
+    # Two are kept; a third can exist for a moment, between a new one's rename and the old one's removal.
+    assert 1 <= len(snaps) <= snapshot.KEEP_SNAPSHOTS + 1
     assert (zr.data_dir / "CURRENT").exists()
 
     zr.router_proc.kill9()
@@ -60,12 +61,6 @@ def test_rolls_write_index_files_and_snapshots_and_restart_reads_old_jobs_from_d
     assert c.get(delayed.id).status == "queued"
     listed = c.list_jobs(limit=n + 10)
     ids = [r.id for r in listed]
-    miss = [i for i, j in enumerate(jobs) if j.id not in set(ids)]
-    if miss:
-        import shutil, os
-        shutil.copytree(zr.data_dir, f"/tmp/zr-main/fail-{os.getpid()}")
-        open(f"/tmp/zr-main/fail-{os.getpid()}/missing", "w").write("\n".join(jobs[i].id for i in miss))
-        print("MISSING", miss, f"/tmp/zr-main/fail-{os.getpid()}")
     assert len(ids) == len(set(ids)) == n + 1
     st = c.status()
     assert st["counts"]["finished"] == n and st["counts"]["scheduled"] == 1
@@ -140,3 +135,37 @@ def test_snapshot_falls_back_to_the_older_one_when_the_newest_is_damaged(tmp_pat
     assert snapshot.load_latest(fs, tmp_path) == (20, [{"id": "b"}])
     (tmp_path / "CURRENT").write_bytes(b"garbage")
     assert snapshot.load_latest(fs, tmp_path) == (20, [{"id": "b"}])
+
+
+def test_replay_through_segments_that_already_have_index_files_loses_nothing(tmp_path: Path) -> None:
+    """Regression: when recovery replays segments that were indexed before (e.g. it fell back to an
+    older snapshot), their old index files must not answer lookups during the replay; a job submitted in one
+    segment and finished in the next would otherwise look finished at its SUBMIT and vanish."""
+    import random
+
+    from routerdriver import Driver
+
+    rng = random.Random(7)
+    d = Driver(tmp_path, segment_bytes=4096)
+    for _ in range(300):
+        d.submit(rng.randint(1, 2))
+        d.tick()
+        if rng.random() < 0.5:
+            d.work(rng)
+            d.tick()
+    while d.running:
+        d.work()
+        d.tick()
+    d.close()
+    assert len(d.finished) == len(d.acked) > 300
+    snaps = snapshot.list_snapshots(RealFS(), tmp_path)
+    assert len(snaps) == 2
+    for seq in snaps:  # no snapshot left: recovery replays every segment, each of which has an index
+        (tmp_path / snapshot.snapshot_name(seq)).unlink()
+    (tmp_path / "CURRENT").unlink()
+    again = Driver(tmp_path, segment_bytes=4096)
+    assert again.router.archive.count() == len(d.finished)
+    for jid, outcome in d.finished.items():
+        job = again.router.archive.get(jid)
+        assert job is not None and job.status == "success" and job.result == outcome["result"], jid
+    again.close()

@@ -52,8 +52,6 @@ class Archive:
         if entries is None:
             entries = self.open[first] = {}
         entries[job.id] = (job.submit_seq, end_seq)
-        if end_seq < first:
-            log.error("DEBUG add %s end %d keyed to segment %d", job.id, end_seq, first)
         if job.submit_seq < self._open_min.get(first, end_seq + 1):
             self._open_min[first] = job.submit_seq
 

@@ -414,6 +414,13 @@ class JobLog:
             if name.endswith(".tmp"):
                 fs.unlink(self.dir / name)
         segments = self.segments
+        for i, seg in enumerate(segments):
+            if seg.index is not None and not (after_seq and i + 1 < len(segments)
+                                              and segments[i + 1].first_seq <= after_seq + 1):
+                # To be replayed: its old index must not answer lookups during the replay (a job
+                # submitted in an earlier segment would look finished already and be skipped).
+                seg.index.close()
+                seg.index = None
         expect: int | None = after_seq + 1 if after_seq else None
         i = 0
         while i < len(segments):

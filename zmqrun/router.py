@@ -342,9 +342,6 @@ class Router:
     def _checkpoint_done(self, segs: list[Segment], snap_seq: int | None, verify: bool = True) -> None:
         for seg in segs:
             seg.index = SegmentIndex(self.data_dir / index_name(seg.first_seq), verify=verify)
-            _n = len(self.archive.open.get(seg.first_seq, {}))
-            if _n != seg.index.n_entries:
-                log.error("DEBUG index %s has %d entries, open dict %d, active %d, segs %s", seg.first_seq, seg.index.n_entries, _n, self.log.segments[-1].first_seq, [x.first_seq for x in segs])
             seg.batches = None
             self.archive.indexed(seg)
         if snap_seq is not None:
