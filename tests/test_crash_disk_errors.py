@@ -104,10 +104,11 @@ def assert_kept_after_restart(zr: Cluster, address: str, script: str, acked: dic
     listed = [r.id for r in c.list_jobs(limit=10 * MAX_SUBMITS)]
     assert len(listed) == len(set(listed)), "a job is listed twice"
     assert set(listed) <= set(tried), f"jobs nobody submitted: {sorted(set(listed) - set(tried))[:5]}"
-    lost = [jid for jid in acked if jid not in set(listed)]
+    present = set(listed)
+    lost = [jid for jid in acked if jid not in present]
     assert not lost, f"{len(lost)} acknowledged job(s) lost: {lost[:10]}"
     for jid in absent:
-        assert jid not in listed, f"job {jid}, refused by the failing router, exists after the restart"
+        assert jid not in present, f"job {jid}, refused by the failing router, exists after the restart"
     assert c.wait(list(acked), timeout=60) == [2 * x for x in acked.values()]
     for jid, x in acked.items():
         rec = c.get(jid)
