@@ -61,16 +61,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 class Proc:
-    """One ``python -m zmqrun`` subprocess whose stdout and stderr go to ``log_path``."""
+    """One ``python -m zmqrun`` subprocess whose stdout and stderr go to ``log_path``.
 
-    def __init__(self, name: str, args: list[str], log_path: Path, cwd: Path, env: dict[str, str]) -> None:
+    ``program`` replaces ``python -m zmqrun`` (e.g. a launcher script that takes the same arguments).
+    """
+
+    def __init__(self, name: str, args: list[str], log_path: Path, cwd: Path, env: dict[str, str],
+                 program: list[str] | None = None) -> None:
         self.name = name
         self.args = args
         self.log_path = log_path
         with open(log_path, "ab") as out:
             out.write(f"$ zmqrun {' '.join(args)}\n".encode())
             out.flush()
-            self.popen = subprocess.Popen([sys.executable, "-m", "zmqrun", *args], stdout=out,
+            self.popen = subprocess.Popen([*(program or [sys.executable, "-m", "zmqrun"]), *args], stdout=out,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
 
     @property
@@ -115,22 +119,28 @@ class Cluster:
 
     # -- processes ------------------------------------------------------------------------
 
-    def spawn(self, name: str, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Proc:
+    def spawn(self, name: str, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+              program: list[str] | None = None) -> Proc:
         self._n += 1
-        p = Proc(name, args, self.tmp / f"{self._n:02d}-{name}.log", cwd or self.tmp, subprocess_env(**(env or {})))
+        p = Proc(name, args, self.tmp / f"{self._n:02d}-{name}.log", cwd or self.tmp, subprocess_env(**(env or {})),
+                 program)
         self.procs.append(p)
         return p
 
     def start_router(self, *, data_dir: Path | None = None, heartbeat: float | None = HEARTBEAT, fsync: str = "always",
-                     address: str | None = None, extra: tuple[str, ...] = ()) -> Proc:
-        """Start a router (new free port unless ``address`` is given) and wait until it answers."""
+                     address: str | None = None, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                     program: list[str] | None = None) -> Proc:
+        """Start a router (new free port unless ``address`` is given) and wait until it answers.
+
+        ``env`` adds to its environment; ``program`` replaces ``python -m zmqrun`` (see :class:`Proc`).
+        """
         data_dir = data_dir or self.data_dir
         for _ in range(3):
             addr = address or unused_address()
             args = ["router", "--bind", addr, "--data-dir", str(data_dir), "--fsync", fsync, *extra]
             if heartbeat is not None:
                 args += ["--heartbeat", str(heartbeat)]
-            p = self.spawn("router", args)
+            p = self.spawn("router", args, env=env, program=program)
             self.address = addr
             with Client(addr, timeout=0.5) as c:
                 end = time.monotonic() + READY_TIMEOUT

@@ -52,6 +52,7 @@ log = logging.getLogger("zmqrun.router")
 DEFAULT_MAX_ATTEMPTS = 3
 _MORE, _LAST = P.MORE_NOBLOCK, P.NOBLOCK
 MAX_DRAIN = 5000  # messages handled per wake-up before the loop services the log and timers
+FAILED_GRACE = 1.0  # seconds a router whose log failed answers requests with the error before it exits
 
 
 class BadRequest(ValueError):
@@ -444,6 +445,9 @@ class Router:
             if next_due is not None:
                 wait = min(wait, next_due - now)
             sync_at = jlog.sync_due(mono)
+            if jlog.failure is not None:  # a lazy sync failed: stop before taking any request
+                code = self._fail_log()
+                break
             if sync_at is not None:
                 wait = min(wait, sync_at - mono)
             if self._dirty:
@@ -521,7 +525,33 @@ class Router:
                 req = orjson.loads(frames[1]).get("req")
                 self._send(ident, [P.H_ERROR, orjson.dumps({"req": req, "error": err})])
         self._gated.clear()
+        self._refuse_requests(err, FAILED_GRACE)
         return 3
+
+    def _refuse_requests(self, err: str, seconds: float) -> None:
+        """Answer every client request with ERROR ``err`` for ``seconds`` (until SIGTERM), then return.
+
+        The ERRORs just sent must be read before our socket closes: a DEALER with IMMEDIATE drops
+        unread input when its connection goes.  Requests that arrive meanwhile get the same error
+        instead of a timeout.
+        """
+        sock = self.sock
+        end = time.monotonic() + seconds
+        while self._running and (left := end - time.monotonic()) > 0:
+            try:
+                if not sock.poll(min(100, int(left * 1000) + 1), zmq.POLLIN):  # type: ignore[union-attr]
+                    continue
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EINTR:
+                    continue
+                raise
+            for frames in P.recv_ready(sock, MAX_DRAIN):
+                if len(frames) == 3 and frames[1][:4] == P.CLIENT:
+                    try:
+                        req = orjson.loads(frames[2]).get("req")
+                    except (orjson.JSONDecodeError, AttributeError):
+                        req = None
+                    self._error(frames[0], req, err)
 
     # -- sending ------------------------------------------------------------------------
 
@@ -904,6 +934,7 @@ def run_router(bind: str, data_dir: str, fsync: str = "always", **kw: Any) -> in
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # checkpoint children are reaped with waitpid
     signal.signal(signal.SIGTERM, router.stop)
     signal.signal(signal.SIGINT, router.stop)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() past RLIMIT_FSIZE: EFBIG, not death (CPython's default too)
     signal.set_wakeup_fd(router._wake_w)
     router.open()
     return router.serve()
