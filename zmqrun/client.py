@@ -529,7 +529,9 @@ class Client:
             remaining.difference_update(self._arrived)
             self._arrived.clear()
             if time.monotonic() - quiet_since >= self.timeout:
-                self._check_alive(list(remaining))  # raises RouterUnavailable if the router is gone
+                # Only the jobs already sent: the router does not know the others yet.  Raises
+                # RouterUnavailable if the router is gone.
+                self._check_alive([i for i in ids[:sent] if i in remaining])
                 quiet_since = time.monotonic()
         return self._collect(ids, return_exceptions)
 
