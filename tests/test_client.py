@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import FIBO, Cluster
+from conftest import FIBO, Cluster, write_script
 from zmqrun import Client, JobFailed
 
 ECHO = "zmqrun.examples.demo:main"
@@ -140,3 +141,12 @@ def test_unread_outcomes_stay_bounded_and_evicted_results_are_fetched_again(rout
     # map's own outcomes are never evicted, whatever the cap.
     assert client.map("zmqrun.examples.demo:main", [{"i": i} for i in range(50)]) == \
         [{"echo": {"i": i}} for i in range(50)]
+
+
+def test_map_with_jobs_not_yet_sent_survives_a_quiet_spell(router: Cluster, tmp_path: Path) -> None:
+    """Window 1, jobs longer than the client timeout: the liveness check asks only about sent jobs
+    (asking about unsent ones made the router answer "unknown" and map() raise)."""
+    write_script(tmp_path, "slowjob.py", "import time\n\ndef main(s):\n    time.sleep(s)\n    return s\n")
+    router.start_worker("slowjob.py:main", cwd=tmp_path, prefetch=0)
+    c = router.client(timeout=0.5)
+    assert c.map("slowjob.py:main", [{"s": 0.8}, {"s": 0.8}], window=1) == [0.8, 0.8]

@@ -1,6 +1,7 @@
 """zmqrun: a brokerless, high-throughput job runner on ZeroMQ.
 
-Public API: :class:`Client`, :class:`Job`, :class:`JobRecord`, and the errors
+Public API: :class:`Client`, :class:`Job`, :class:`AsyncClient` and
+:class:`AsyncJob` (asyncio), :class:`JobRecord`, and the errors
 :class:`ZmqrunError`, :class:`JobFailed`, :class:`RouterUnavailable`,
 :class:`RequestRejected`.  Imports are lazy so that the cold path's child
 process (``python -m zmqrun._coldstart``) does not pay for zmq.
@@ -11,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Client", "Job", "JobRecord", "CancelResult", "ZmqrunError", "JobFailed", "RouterUnavailable",
-           "RequestRejected", "__version__"]
+__all__ = ["Client", "Job", "AsyncClient", "AsyncJob", "JobRecord", "CancelResult", "ZmqrunError", "JobFailed",
+           "RouterUnavailable", "RequestRejected", "__version__"]
 
 _CLIENT_NAMES = {"Client", "Job", "CancelResult", "ZmqrunError", "JobFailed", "RouterUnavailable", "RequestRejected"}
 
@@ -22,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from . import client
 
         return getattr(client, name)
+    if name in ("AsyncClient", "AsyncJob"):
+        from . import aio
+
+        return getattr(aio, name)
     if name == "JobRecord":
         from .model import JobRecord
 

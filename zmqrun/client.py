@@ -14,7 +14,7 @@ import math
 import os
 import socket as _socket
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Container, Iterable
 
 import orjson
 import zmq
@@ -103,6 +103,65 @@ class CancelResult:
         return f"CancelResult(canceled={self.canceled}, status={self.status!r}, message={self.message!r})"
 
 
+# -- socket-free request building and reply reading, shared with zmqrun.aio.AsyncClient -----------
+# Each request function validates its arguments (raising before anything is sent) and returns
+# (command, body, parse): the caller sends ``body`` with a fresh "req", awaits the reply and hands
+# it to ``parse``, which returns the method's value or raises its error.
+
+Call = tuple[int, dict[str, Any], Callable[[dict[str, Any]], Any]]
+
+
+def client_settings(address: str | None, timeout: Any) -> tuple[str, float]:
+    """The router address (``address``, else ``$ZMQRUN_ADDRESS``, else the default) and the checked timeout.
+
+    Raises ValueError for a timeout that is not a positive number of seconds or an address ZeroMQ
+    cannot parse.
+    """
+    address = address or os.environ.get("ZMQRUN_ADDRESS") or P.DEFAULT_ADDRESS
+    if not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
+        raise ValueError(f"client timeout must be a positive number of seconds, not {timeout!r}")
+    P.check_endpoint(address)
+    return address, timeout
+
+
+def peer_identity() -> bytes:
+    """A new client routing id (host, pid and 4 random bytes; at most 200 bytes)."""
+    return f"c-{_socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}".encode()[:200]
+
+
+def unreachable(address: str, timeout: float) -> RouterUnavailable:
+    """The error for a router that no connection reached within ``timeout`` seconds."""
+    return RouterUnavailable(f"no zmqrun router reachable at {address} within {timeout:g} s")
+
+
+def no_answer(address: str, timeout: float) -> RouterUnavailable:
+    """The error for a router that did not answer a request within ``timeout`` seconds."""
+    return RouterUnavailable(f"the zmqrun router at {address} did not answer within {timeout:g} s")
+
+
+def encode_request(cmd: int, body: dict[str, Any]) -> list[bytes]:
+    """The frames of client command ``cmd`` with ``body``.
+
+    Raises ValueError if the body exceeds the router's message limit (its MAXMSGSIZE would drop
+    the connection without a word, S5), TypeError if orjson cannot encode it.
+    """
+    frames = [_HEADERS[cmd], orjson.dumps(body)]
+    if len(frames[1]) > P.MAX_MESSAGE_SIZE - 64:
+        raise ValueError(f"request of {len(frames[1]):,} bytes exceeds the router's message limit of "
+                         f"{P.MAX_MESSAGE_SIZE:,} bytes; send smaller args (or smaller map batches)")
+    return frames
+
+
+def read_router_message(frames: list[bytes]) -> tuple[int, dict[str, Any]] | None:
+    """(command, body) of a router message, or None for anything else (ignored).
+
+    Raises orjson.JSONDecodeError if the body is not JSON.
+    """
+    if len(frames) != 2 or len(frames[0]) != 5 or frames[0][:4] != P.ROUTER:
+        return None
+    return frames[0][4], orjson.loads(frames[1])
+
+
 def _finite_seconds(value: Any, name: str) -> float:
     """``value`` as float seconds; ValueError unless it is a finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -119,6 +178,164 @@ def _encode_args(args: Any) -> dict[str, Any]:
     return args
 
 
+def job_dict(script: str, args: Any, priority: int, scheduled_for: Any, delay: Any, timeout: float | None,
+             job_id: str | None) -> dict[str, Any]:
+    """One job as sent in a SUBMIT (a new id unless ``job_id``); the options of :meth:`Client.submit`.
+
+    Raises ValueError for a bad script, priority or time, TypeError for args orjson cannot encode.
+    """
+    if not isinstance(script, str) or not script:
+        raise ValueError("script must be a non-empty string like package.module:function")
+    if type(priority) is not int or not -(2**31) < priority < 2**31:
+        raise ValueError(f"priority must be an integer from -2147483647 to 2147483647, not {priority!r}")
+    d: dict[str, Any] = {"id": new_job_id() if job_id is None else job_id, "script": script, "args": _encode_args(args),
+                         "priority": priority}
+    # Checked here because orjson would send NaN and infinity as null, which reads as "not given".
+    if scheduled_for is not None:
+        d["scheduled_for"] = _finite_seconds(parse_time(scheduled_for), "scheduled_for")
+    if delay is not None:
+        if isinstance(delay, _dt.timedelta):
+            delay = delay.total_seconds()
+        d["delay"] = _finite_seconds(delay, "delay")
+    if timeout is not None:
+        d["timeout"] = _finite_seconds(timeout, "timeout")
+    return d
+
+
+def run_job_dict(script: str, args: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """The job of a ``run()`` call: :func:`job_dict` with ``opts`` (the submit options).
+
+    Raises TypeError for an option submit does not take, else what :func:`job_dict` raises.
+    """
+    d = job_dict(script, args, opts.pop("priority", 0), opts.pop("scheduled_for", None), opts.pop("delay", None),
+                 opts.pop("timeout", None), opts.pop("job_id", None))
+    if opts:
+        raise TypeError(f"run() got unexpected options: {', '.join(opts)}")
+    return d
+
+
+def check_map_options(batch_size: int, window: int) -> None:
+    """Raise ValueError unless ``batch_size`` and ``window`` (jobs) are at least 1."""
+    if batch_size < 1 or window < 1:
+        raise ValueError("batch_size and window must be at least 1")
+
+
+def noack_submit(req: int, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A SUBMIT body with ``"ack": false``: each job's result (sent once it is durable) acknowledges it,
+    and the router answers the request only to refuse jobs (see :func:`rejected_outcomes`)."""
+    return {"req": req, "jobs": jobs, "notify": True, "ack": False}
+
+
+def reply_body(cmd: int, body: dict[str, Any]) -> dict[str, Any]:
+    """The body of a reply; raises RequestRejected if the router answered with an ERROR."""
+    if cmd == P.R_ERROR:
+        raise RequestRejected(str(body.get("error")))
+    return body
+
+
+def check_submit_reply(body: dict[str, Any]) -> None:
+    """Raise RequestRejected if the ACK of a SUBMIT refused a job."""
+    if body.get("rejected"):
+        raise RequestRejected(f"job rejected: {body['rejected'][0]['error']}")
+
+
+def rejected_outcomes(ids: list[str], cmd: int, body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Outcomes (status "rejected") for the jobs of an ``"ack": false`` SUBMIT that the router refused.
+
+    ``ids``: the request's job ids; ``cmd`` and ``body``: the router's answer (an ACK listing the
+    refused jobs, or an ERROR refusing the whole request).
+    """
+    def outcome(jid: str, error: Any) -> dict[str, Any]:
+        return {"id": jid, "status": "rejected", "error": {"type": "RequestRejected", "message": str(error)}}
+
+    if cmd == P.R_ERROR or not body.get("rejected"):
+        return {jid: outcome(jid, body.get("error") or "rejected") for jid in ids}
+    mine = set(ids)
+    out = {r["id"]: outcome(r["id"], r.get("error", "rejected")) for r in body["rejected"]
+           if isinstance(r, dict) and r.get("id") in mine}
+    if not out and len(ids) == 1:
+        out[ids[0]] = outcome(ids[0], body["rejected"][0].get("error", "rejected"))
+    return out
+
+
+def outcome_value(job_id: str, outcome: dict[str, Any], return_exceptions: bool) -> Any:
+    """A job's result value from its outcome; raises RequestRejected for a refused job and JobFailed for a
+    failed or canceled one (unless ``return_exceptions``: then the JobFailed is returned)."""
+    if outcome["status"] == "success":
+        return outcome.get("result")
+    if outcome["status"] == "rejected":
+        raise RequestRejected(f"job rejected: {outcome['error']['message']}")
+    err = JobFailed(job_id, outcome["status"], outcome.get("error") or {})
+    if not return_exceptions:
+        raise err
+    return err
+
+
+def evict_unclaimed(outcomes: dict[str, Any], watching: set[str], claimed: Container[str],
+                    max_unclaimed: int) -> None:
+    """Drop the oldest outcomes not in ``claimed`` until at most 90 % of ``max_unclaimed`` remain.
+
+    Safe: a later ``result()`` of an evicted id asks the router again (WAIT), which answers from its archive.
+    """
+    target = max_unclaimed * 9 // 10
+    for jid in [j for j in outcomes if j not in claimed]:
+        if len(outcomes) <= target:
+            break
+        del outcomes[jid]
+        watching.discard(jid)
+
+
+def submit_request(job: dict[str, Any]) -> Call:
+    """SUBMIT of one job (from :func:`job_dict`) with an ACK; parses to the job id or raises RequestRejected."""
+    def parse(body: dict[str, Any]) -> str:
+        check_submit_reply(body)
+        return job["id"]
+
+    return P.C_SUBMIT, {"jobs": [job], "notify": True}, parse
+
+
+def wait_request(ids: list[str]) -> Call:
+    """WAIT for ``ids`` (their outcomes are pushed later); parses to None or raises ZmqrunError for unknown ids."""
+    def parse(body: dict[str, Any]) -> None:
+        if body.get("unknown"):
+            raise ZmqrunError(f"the router does not know job(s) {', '.join(body['unknown'][:5])}")
+
+    return P.C_WAIT, {"ids": ids}, parse
+
+
+def get_request(job_id: str) -> Call:
+    """GET of one job; parses to its JobRecord or raises KeyError if the router does not know the id."""
+    def parse(body: dict[str, Any]) -> JobRecord:
+        if body.get("job") is None:
+            raise KeyError(f"no job {job_id}")
+        return JobRecord.from_wire(body["job"])
+
+    return P.C_GET, {"id": job_id}, parse
+
+
+def list_request(status: str | None, script: str | None, limit: int) -> Call:
+    """LIST of jobs; raises ValueError unless ``limit`` is a positive integer.  Parses to JobRecords."""
+    if type(limit) is not int or limit < 1:
+        raise ValueError(f"limit must be a positive integer, not {limit!r}")
+    return (P.C_LIST, {"status": status, "script": script, "limit": limit},
+            lambda body: [JobRecord.from_wire(d) for d in body["jobs"]])
+
+
+def cancel_request(job_id: str, reason: str | None) -> Call:
+    """CANCEL of one job; parses to a CancelResult."""
+    return (P.C_CANCEL, {"id": job_id, "reason": reason},
+            lambda body: CancelResult(bool(body.get("canceled")), body.get("status"), str(body.get("message", ""))))
+
+
+def status_request() -> Call:
+    """STATUS; parses to the status dict (without the request number)."""
+    def parse(body: dict[str, Any]) -> dict[str, Any]:
+        body.pop("req", None)
+        return body
+
+    return P.C_STATUS, {}, parse
+
+
 class Client:
     """A connection to a zmqrun router.
 
@@ -129,15 +346,10 @@ class Client:
     """
 
     def __init__(self, address: str | None = None, timeout: float = 10.0) -> None:
-        self.address = address or os.environ.get("ZMQRUN_ADDRESS") or P.DEFAULT_ADDRESS
-        if not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
-            raise ValueError(f"client timeout must be a positive number of seconds, not {timeout!r}")
-        P.check_endpoint(self.address)
-        self.timeout = timeout
+        self.address, self.timeout = client_settings(address, timeout)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        ident = f"c-{_socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}".encode()[:200]
-        P.configure_peer_socket(self._sock, ident, linger_ms=500)
+        P.configure_peer_socket(self._sock, peer_identity(), linger_ms=500)
         self._sock.connect(self.address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -166,11 +378,7 @@ class Client:
         self.close()
 
     def _send(self, cmd: int, body: dict[str, Any]) -> None:
-        frames = [_HEADERS[cmd], orjson.dumps(body)]
-        if len(frames[1]) > P.MAX_MESSAGE_SIZE - 64:
-            # The router's MAXMSGSIZE would drop the connection without a word (S5): refuse it here.
-            raise ValueError(f"request of {len(frames[1]):,} bytes exceeds the router's message limit of "
-                             f"{P.MAX_MESSAGE_SIZE:,} bytes; send smaller args (or smaller map batches)")
+        frames = encode_request(cmd, body)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -180,8 +388,7 @@ class Client:
                 # IMMEDIATE=1: no connection to the router yet.
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
-                    raise RouterUnavailable(f"no zmqrun router reachable at {self.address} "
-                                            f"within {self.timeout:g} s") from None
+                    raise unreachable(self.address, self.timeout) from None
 
     def _pump(self, timeout_s: float) -> bool:
         """Receive and file every message that arrives within ``timeout_s``; False if none did."""
@@ -190,10 +397,10 @@ class Client:
             return False
         msgs = P.recv_ready(sock, 100_000)
         for frames in msgs:
-            if len(frames) != 2 or len(frames[0]) != 5 or frames[0][:4] != P.ROUTER:
+            msg = read_router_message(frames)
+            if msg is None:
                 continue  # not a router message: ignore
-            cmd = frames[0][4]
-            body = orjson.loads(frames[1])
+            cmd, body = msg
             if cmd == P.R_RESULT:
                 for r in body["results"]:
                     self._outcomes[r["id"]] = r
@@ -205,9 +412,7 @@ class Client:
                 jid = self._pending_submits.pop(req, None) if isinstance(req, int) else None
                 if jid is not None:
                     # A reply to an "ack": false submit only comes when the job was refused.
-                    error = body.get("error") or (body.get("rejected") or [{}])[0].get("error", "rejected")
-                    self._outcomes[jid] = {"id": jid, "status": "rejected",
-                                           "error": {"type": "RequestRejected", "message": str(error)}}
+                    self._outcomes.update(rejected_outcomes([jid], cmd, body))
                 elif isinstance(req, int):
                     self._replies[req] = (cmd, body)
                 elif cmd == P.R_ERROR:
@@ -215,15 +420,8 @@ class Client:
         return bool(msgs)
 
     def _evict_unclaimed(self) -> None:
-        """Drop the oldest outcomes nobody is waiting on, so a producer that never reads results stays
-        bounded.  Safe: a later ``result()`` of an evicted id asks the router again (WAIT), which
-        answers from its archive."""
-        target = self.max_unclaimed * 9 // 10
-        for jid in [j for j in self._outcomes if j not in self._claimed]:
-            if len(self._outcomes) <= target:
-                break
-            del self._outcomes[jid]
-            self._watching.discard(jid)
+        """Drop the oldest outcomes nobody is waiting on, so a producer that never reads results stays bounded."""
+        evict_unclaimed(self._outcomes, self._watching, self._claimed, self.max_unclaimed)
 
     def _request(self, cmd: int, body: dict[str, Any]) -> dict[str, Any]:
         req = next(self._req)
@@ -231,39 +429,19 @@ class Client:
         self._send(cmd, body)
         return self._await_reply(req)
 
+    def _call(self, call: Call) -> Any:
+        cmd, body, parse = call
+        return parse(self._request(cmd, body))
+
     def _await_reply(self, req: int) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
         while req not in self._replies:
             left = deadline - time.monotonic()
             if left <= 0 or (not self._pump(left) and req not in self._replies and time.monotonic() >= deadline):
-                raise RouterUnavailable(f"the zmqrun router at {self.address} did not answer within "
-                                        f"{self.timeout:g} s")
-        cmd, body = self._replies.pop(req)
-        if cmd == P.R_ERROR:
-            raise RequestRejected(str(body.get("error")))
-        return body
+                raise no_answer(self.address, self.timeout)
+        return reply_body(*self._replies.pop(req))
 
     # -- jobs -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _job_dict(script: str, args: Any, priority: int, scheduled_for: Any, delay: float | None,
-                  timeout: float | None, job_id: str | None) -> dict[str, Any]:
-        if not isinstance(script, str) or not script:
-            raise ValueError("script must be a non-empty string like package.module:function")
-        if type(priority) is not int or not -(2**31) < priority < 2**31:
-            raise ValueError(f"priority must be an integer from -2147483647 to 2147483647, not {priority!r}")
-        d: dict[str, Any] = {"id": new_job_id() if job_id is None else job_id, "script": script, "args": _encode_args(args),
-                             "priority": priority}
-        # Checked here because orjson would send NaN and infinity as null, which reads as "not given".
-        if scheduled_for is not None:
-            d["scheduled_for"] = _finite_seconds(parse_time(scheduled_for), "scheduled_for")
-        if delay is not None:
-            if isinstance(delay, _dt.timedelta):
-                delay = delay.total_seconds()
-            d["delay"] = _finite_seconds(delay, "delay")
-        if timeout is not None:
-            d["timeout"] = _finite_seconds(timeout, "timeout")
-        return d
 
     def submit(self, script: str, args: dict[str, Any] | None = None, *, priority: int = 0,
                scheduled_for: Any = None, delay: float | None = None, timeout: float | None = None,
@@ -281,12 +459,10 @@ class Client:
         :class:`RequestRejected` if the router refuses the job,
         :class:`RouterUnavailable` if it does not answer within the timeout.
         """
-        d = self._job_dict(script, args, priority, scheduled_for, delay, timeout, job_id)
-        body = self._request(P.C_SUBMIT, {"jobs": [d], "notify": True})
-        if body["rejected"]:
-            raise RequestRejected(f"job rejected: {body['rejected'][0]['error']}")
-        self._watching.add(d["id"])
-        return Job(d["id"], self)
+        d = job_dict(script, args, priority, scheduled_for, delay, timeout, job_id)
+        jid = self._call(submit_request(d))
+        self._watching.add(jid)
+        return Job(jid, self)
 
     def run(self, script: str, args: dict[str, Any] | None = None, *, wait_timeout: float | None = None,
             **opts: Any) -> Any:
@@ -296,12 +472,9 @@ class Client:
         :meth:`Job.result` raise.  The router sends no separate ACK: the result
         comes only once the job is durable, so it acknowledges the submit too.
         """
-        d = self._job_dict(script, args, opts.pop("priority", 0), opts.pop("scheduled_for", None),
-                           opts.pop("delay", None), opts.pop("timeout", None), opts.pop("job_id", None))
-        if opts:
-            raise TypeError(f"run() got unexpected options: {', '.join(opts)}")
+        d = run_job_dict(script, args, opts)
         req = next(self._req)
-        self._send(P.C_SUBMIT, {"req": req, "jobs": [d], "notify": True, "ack": False})
+        self._send(P.C_SUBMIT, noack_submit(req, [d]))
         self._watching.add(d["id"])
         self._pending_submits[req] = d["id"]
         try:
@@ -320,9 +493,8 @@ class Client:
         ``return_exceptions`` (then the JobFailed is put in its place), and
         ``TypeError`` for unserializable args before anything is sent.
         """
-        if batch_size < 1 or window < 1:
-            raise ValueError("batch_size and window must be at least 1")
-        all_jobs = [self._job_dict(script, a, priority, None, None, timeout, None) for a in iterable]
+        check_map_options(batch_size, window)
+        all_jobs = [job_dict(script, a, priority, None, None, timeout, None) for a in iterable]
         ids = [d["id"] for d in all_jobs]
         remaining = set(ids)
         self._watching.update(ids)
@@ -345,7 +517,7 @@ class Client:
                 req = next(self._req)
                 # No ACK per message: each job's result (sent once it is durable) acknowledges it,
                 # which halves the messages of a per-job pipeline (batch_size=1).
-                self._send(P.C_SUBMIT, {"req": req, "jobs": chunk, "notify": True, "ack": False})
+                self._send(P.C_SUBMIT, noack_submit(req, chunk))
                 reqs.add(req)
                 sent += len(chunk)
                 in_flight += len(chunk)
@@ -353,15 +525,13 @@ class Client:
                 quiet_since = time.monotonic()
             if self._replies:
                 for req in [r for r in reqs if r in self._replies]:
-                    cmd, body = self._replies.pop(req)
-                    if cmd == P.R_ERROR:
-                        raise RequestRejected(str(body.get("error")))
-                    if body.get("rejected"):
-                        raise RequestRejected(f"job rejected: {body['rejected'][0]['error']}")
+                    check_submit_reply(reply_body(*self._replies.pop(req)))
             remaining.difference_update(self._arrived)
             self._arrived.clear()
             if time.monotonic() - quiet_since >= self.timeout:
-                self._check_alive(list(remaining))  # raises RouterUnavailable if the router is gone
+                # Only the jobs already sent: the router does not know the others yet.  Raises
+                # RouterUnavailable if the router is gone.
+                self._check_alive([i for i in ids[:sent] if i in remaining])
                 quiet_since = time.monotonic()
         return self._collect(ids, return_exceptions)
 
@@ -370,23 +540,12 @@ class Client:
         for jid in ids:
             o = self._outcomes.pop(jid)
             self._watching.discard(jid)
-            if o["status"] == "success":
-                out.append(o.get("result"))
-            elif o["status"] == "rejected":
-                raise RequestRejected(f"job rejected: {o['error']['message']}")
-            else:
-                err = JobFailed(jid, o["status"], o.get("error") or {})
-                if not return_exceptions:
-                    raise err
-                out.append(err)
+            out.append(outcome_value(jid, o, return_exceptions))
         return out
 
     def _check_alive(self, ids: list[str]) -> None:
         """Re-register interest in unfinished ids; raises RouterUnavailable if the router is silent."""
-        missing = [i for i in ids if i not in self._outcomes]
-        body = self._request(P.C_WAIT, {"ids": missing})
-        if body.get("unknown"):
-            raise ZmqrunError(f"the router does not know job(s) {', '.join(body['unknown'][:5])}")
+        self._call(wait_request([i for i in ids if i not in self._outcomes]))
 
     def _wait_results(self, ids: list[str], timeout: float | None) -> list[Any]:
         self._claimed.update(ids)
@@ -425,25 +584,19 @@ class Client:
 
     def get(self, job_id: str) -> JobRecord:
         """The full record of a live or finished job.  Raises ``KeyError`` if the router does not know the id."""
-        body = self._request(P.C_GET, {"id": job_id})
-        if body.get("job") is None:
-            raise KeyError(f"no job {job_id}")
-        return JobRecord.from_wire(body["job"])
+        return self._call(get_request(job_id))
 
     def list_jobs(self, status: str | None = None, script: str | None = None, limit: int = 50) -> list[JobRecord]:
-        if type(limit) is not int or limit < 1:
-            raise ValueError(f"limit must be a positive integer, not {limit!r}")
-        """Jobs newest first, filtered by ``status`` and ``script``; at most ``limit`` (logs and args omitted)."""
-        body = self._request(P.C_LIST, {"status": status, "script": script, "limit": limit})
-        return [JobRecord.from_wire(d) for d in body["jobs"]]
+        """Jobs newest first, filtered by ``status`` and ``script``; at most ``limit`` (logs and args omitted).
+
+        Raises ValueError unless ``limit`` is a positive integer.
+        """
+        return self._call(list_request(status, script, limit))
 
     def cancel(self, job_id: str, reason: str | None = None) -> CancelResult:
         """Cancel a queued or scheduled job.  A running or finished job is not changed (``canceled`` False, with why)."""
-        body = self._request(P.C_CANCEL, {"id": job_id, "reason": reason})
-        return CancelResult(bool(body.get("canceled")), body.get("status"), str(body.get("message", "")))
+        return self._call(cancel_request(job_id, reason))
 
     def status(self) -> dict[str, Any]:
         """Router status: ``workers`` [{name, script, credit, in_flight}], ``counts`` {queued, scheduled, running, finished}."""
-        st = self._request(P.C_STATUS, {})
-        st.pop("req", None)
-        return st
+        return self._call(status_request())
