@@ -471,8 +471,9 @@ def _joblog_plot(plt: Any, res: Results, path: Path) -> None:
             ax.text(i, v, _num(v), ha="center", va="bottom", fontsize=8)
         at = "" if title.startswith("records") else " (at 1M finished + 100k live)"
         ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"target {target:,g}{at}")
+        ax.set_ylim(0, max([*vals, target]) * 1.3)  # room for the legend above the bars
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
         ax.grid(True, axis="y", alpha=0.3)
     sizes = next((r for r in res.joblog if "finished" in r), None)
     fig.suptitle("Job log and recovery" + (f" ({sizes['finished']:,} finished + {sizes['live']:,} live jobs)"
