@@ -21,6 +21,8 @@ class Results:
     rows: list[dict[str, Any]] = field(default_factory=list)
     windmill: list[dict[str, Any]] = field(default_factory=list)
     scaling: list[dict[str, Any]] = field(default_factory=list)
+    joblog: list[dict[str, Any]] = field(default_factory=list)
+    """Job-log and recovery figures (scenarios ``log-writer`` and ``recovery``), one dict per figure."""
     notes: list[str] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     floor: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -32,6 +34,24 @@ class Results:
             if r["key"] == key:
                 return r
         return None
+
+    def log_row(self, key: str) -> dict[str, Any] | None:
+        """The job-log figure with ``key``, or None when it was not measured."""
+        for r in self.joblog:
+            if r["key"] == key:
+                return r
+        return None
+
+    def add_log(self, key: str, scenario: str, label: str, value: float, unit: str,
+                **extra: Any) -> dict[str, Any]:
+        """Add one job-log figure: ``value`` in ``unit`` (records/s, jobs/s, us/job, s, MB), plus extras
+        (``n``, ``seconds``, ``note``, ...).  Raises RuntimeError for a value that is not a positive number."""
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise RuntimeError(f"{key}: nothing measured (value={value!r})")
+        r: dict[str, Any] = {"key": key, "scenario": scenario, "label": label, "value": float(value),
+                             "unit": unit, **extra}
+        self.joblog.append(r)
+        return r
 
     def add_latency(
         self,

@@ -39,6 +39,8 @@ SCENARIOS = (
     "rq",
     "windmill",
     "scaling",
+    "log-writer",
+    "recovery",
 )
 """Scenario names accepted by ``--only``, in run order."""
 
@@ -75,6 +77,12 @@ class Plan:
     lambda_runtimes: tuple[int, ...] = (1, 2)
     window: int = 1000
     pace_hz: float = 1000.0
+    log_records: int = 300_000  # records per writer-throughput round (log-writer)
+    log_rounds: int = 3  # interleaved writer/raw rounds; the median is reported
+    log_jobs: int = 256_000  # jobs in the persistence-CPU measurement
+    rec_finished: int = 1_000_000  # finished jobs in the archive (recovery)
+    rec_live: int = 100_000  # live (scheduled) jobs (recovery)
+    rec_wait_s: float = 300.0  # bound on each router start/stop in the recovery scenario, seconds
 
     @classmethod
     def make(cls, quick: bool, jobs: int | None) -> Plan:
@@ -85,6 +93,7 @@ class Plan:
                 peer_tput_n=500, lat_jobs=("noop",), tput_jobs=("noop",), map_jobs=("noop",),
                 floor_n=2000, deadline_s=20.0, light_n=20, light_cold_n=5, heavy_n=0,
                 scaling_jobs=200, scaling_slots=(1, 4), scaling_modes=("concurrency",),
+                log_records=30_000, log_jobs=25_600, rec_finished=20_000, rec_live=2_000, rec_wait_s=60.0,
             )
         else:
             p = cls(
@@ -745,6 +754,20 @@ def jobs_needed(names: list[str], plan: Plan) -> set[str]:
     return jobs
 
 
+def run_log_writer(ctx: Ctx) -> None:
+    """Scenario 9: the job-log writer in process (see :mod:`bench.logbench`)."""
+    from bench.logbench import run_log_writer as run
+
+    run(ctx)
+
+
+def run_recovery(ctx: Ctx) -> None:
+    """Scenario 10: router restart time and RSS with a big archive (see :mod:`bench.logbench`)."""
+    from bench.logbench import run_recovery as run
+
+    run(ctx)
+
+
 RUNNERS: dict[str, Callable[[Ctx], None]] = {
     "relay": run_relay,
     "zmqrun-warm": run_zmqrun_warm,
@@ -755,5 +778,7 @@ RUNNERS: dict[str, Callable[[Ctx], None]] = {
     "rq": run_rq,
     "windmill": run_windmill,
     "scaling": run_scaling,
+    "log-writer": run_log_writer,
+    "recovery": run_recovery,
 }
 """Scenario name -> runner (the floor runs first, always)."""

@@ -35,3 +35,30 @@ def test_bench_quick_relay_and_warm(tmp_path: Path) -> None:
     assert "## Ratios" in report and "p99.9" in report
     assert not data["results"]["errors"]
     assert not list(out.glob("tmp-*")), "temp dirs left behind"
+
+
+def test_bench_quick_joblog_and_recovery(tmp_path: Path) -> None:
+    """The job-log scenarios at --quick sizes (about 5 s): every figure is measured, the writer and
+    CPU rows are judged, and the recovery rows are informational because 20,000 + 2,000 jobs are not
+    the sizes the targets are stated for."""
+    out = tmp_path / "report"
+    rc = main(["--quick", "--only", "log-writer,recovery", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert not data["results"]["errors"]
+    figs = {r["key"]: r for r in data["results"]["joblog"]}
+    for key in ("log-writer/writer/always", "log-writer/raw/always", "log-writer/persist-cpu/always",
+                "recovery/restart/empty", "recovery/generate/finished", "recovery/generate/live",
+                "recovery/rss/live", "recovery/restart/sigkill", "recovery/rss/sigkill",
+                "recovery/restart/sigterm", "recovery/rss/sigterm"):
+        assert key in figs and figs[key]["value"] > 0, key
+    assert figs["recovery/restart/sigterm"]["finished"] == 20_000 and figs["recovery/restart/sigterm"]["live"] == 2_000
+    ratios = {r["name"]: r for r in data["ratios"]}
+    writer = next(r for n, r in ratios.items() if n.startswith("Job log writer throughput"))
+    cpu = next(r for n, r in ratios.items() if n.startswith("Persistence CPU per job"))
+    assert writer["status"] in ("PASS", "MISS") and cpu["status"] in ("PASS", "MISS")
+    recovery = [r for n, r in ratios.items() if n.startswith(("Router restart", "Router RSS"))]
+    assert len(recovery) == 5 and all(r["status"] == "INFO" and r["value"] > 0 for r in recovery)
+    assert (out / "joblog.png").stat().st_size > 0
+    assert "## Job log and recovery" in (out / "report.md").read_text()
+    assert not list(out.glob("tmp-*")), "temp dirs left behind"
