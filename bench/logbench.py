@@ -328,17 +328,18 @@ def _submit_live(client: Any, n: int, chunk: int = 1000) -> int:
     """Submit ``n`` no-op jobs with a one-day delay, ``chunk`` per SUBMIT message, each acknowledged
     (durable) before the next; returns the number accepted.
 
-    Uses the Client's request plumbing (``_job_dict``, ``_request``): the public
+    Uses the client's request plumbing (``zmqrun.client.job_dict``, ``Client._request``): the public
     Client has no batched submit with a delay, and one ``submit()`` per job would
     make this a round-trip benchmark.
     """
     from zmqrun import protocol as P
+    from zmqrun.client import job_dict
 
     script = JOB_SCRIPT["noop"]
     accepted = 0
     while accepted < n:
         k = min(chunk, n - accepted)
-        jobs = [client._job_dict(script, None, 0, None, LIVE_DELAY_S, None, None) for _ in range(k)]
+        jobs = [job_dict(script, None, 0, None, LIVE_DELAY_S, None, None) for _ in range(k)]
         body = client._request(P.C_SUBMIT, {"jobs": jobs, "notify": False})
         if body.get("rejected") or len(body.get("accepted", [])) != k:
             raise RuntimeError(f"live submit refused: {str(body)[:300]}")
