@@ -278,6 +278,70 @@ def later_valid_batch(data: bytes, start: int) -> int | None:
     return None
 
 
+class SegmentReader:
+    """Iterate one segment file's records (seq, type, payload), reading one batch at a time.
+
+    The same checks as :func:`read_segment`; after the iteration, ``problem``
+    (None or where and why it stopped), ``good_end`` (offset after the last good
+    batch), ``size`` (file size), ``first_seq`` (from the header, or None) and
+    ``next_seq`` (the sequence number after the last record read) tell the
+    outcome.  ``batches`` receives a (first_seq, offset) pair per good batch.
+    """
+
+    def __init__(self, path: Path, expect_seq: int | None, batches: array | None = None) -> None:
+        self.path = path
+        self.expect_seq = expect_seq
+        self.batches = batches
+        self.problem: BatchProblem | None = None
+        self.good_end = 0
+        self.size = 0
+        self.first_seq: int | None = None
+        self.next_seq = expect_seq or 0
+
+    def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
+        with open(self.path, "rb") as f:
+            self.size = size = os.fstat(f.fileno()).st_size
+            head = f.read(SEGMENT_HEADER_SIZE)
+            _records, _end, problem = read_segment(self.path, head, self.expect_seq)
+            if problem is not None:
+                self.problem = problem
+                return
+            self.first_seq = seq = segment_first_seq(head)
+            off = self.good_end = SEGMENT_HEADER_SIZE
+            while off < size:
+                hdr = f.read(BATCH_HEADER_SIZE)
+                parsed = parse_batch_header(hdr, 0)
+                if isinstance(parsed, str):
+                    self.problem = BatchProblem(off, parsed)
+                    break
+                body_len, body_crc, bseq, count = parsed
+                body = f.read(body_len)
+                if len(body) < body_len:
+                    self.problem = BatchProblem(off, "batch body truncated")
+                    break
+                if zlib.crc32(body) != body_crc:
+                    self.problem = BatchProblem(off, "batch body CRC mismatch")
+                    break
+                if bseq != seq:
+                    self.problem = BatchProblem(off, f"sequence gap: batch starts at {bseq}, expected {seq}")
+                    break
+                try:
+                    records = decode_body(body, count)
+                except ValueError as e:
+                    self.problem = BatchProblem(off, str(e))
+                    break
+                if self.batches is not None:
+                    self.batches.append(seq)
+                    self.batches.append(off)
+                for t, p in records:
+                    yield seq, t, p
+                    seq += 1
+                off += BATCH_HEADER_SIZE + body_len
+                self.good_end, self.next_seq = off, seq
+            else:
+                self.good_end, self.next_seq = off, seq
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a create, rename or delete in it is durable."""
     RealFS().fsync_dir(path)
@@ -430,41 +494,44 @@ class JobLog:
                 i += 1  # wholly covered by the snapshot
                 continue
             last = i == len(segments) - 1
-            data = fs.read_bytes(seg.path)
-            self.replayed_bytes += len(data)
             seg.batches, seg.index = array("q"), None  # replayed: the table is rebuilt as we read
-            records, good_end, problem = read_segment(seg.path, data, expect, seg.batches)
+            reader = SegmentReader(seg.path, expect, seg.batches)
+            n = 0
+            for rec in reader:  # streamed batch by batch: replay memory stays at one batch, not one segment
+                n += 1
+                yield rec
+            self.replayed_bytes += reader.size
+            problem = reader.problem
             if problem is not None:
                 if not last:
                     raise LogCorruption(seg.path, problem.offset, problem.why + " (in a sealed segment)")
                 if problem.offset == 0 and problem.why in ("truncated segment header", "bad segment header") \
-                        and len(data) <= SEGMENT_HEADER_SIZE:
+                        and reader.size <= SEGMENT_HEADER_SIZE:
                     # The segment's creation itself was torn: nothing in it was ever acknowledged.
                     log.warning("%s: torn segment header (%d bytes); removing the empty segment",
-                                seg.path.name, len(data))
+                                seg.path.name, reader.size)
                     fs.unlink(seg.path)
                     fs.fsync_dir(self.dir)
                     segments.pop()
                     break
-                later = later_valid_batch(data, problem.offset)
+                rest = fs.pread(seg.path, reader.size - problem.offset, problem.offset)
+                later = later_valid_batch(rest, 0)
                 if later is not None or problem.offset == 0:
-                    raise LogCorruption(seg.path, problem.offset, problem.why +
-                                        (f"; a valid batch follows at offset {later}" if later is not None else ""))
-                dropped = len(data) - problem.offset
-                if data.count(0, problem.offset) == dropped:
+                    raise LogCorruption(seg.path, problem.offset, problem.why + (
+                        f"; a valid batch follows at offset {problem.offset + later}" if later is not None else ""))
+                dropped = len(rest)
+                if rest.count(0) == dropped:
                     log.warning("%s: %d zero bytes after offset %d (an unfinished write); truncating",
                                 seg.path.name, dropped, problem.offset)
                 else:
                     log.warning("%s: torn tail at offset %d (%s); truncating, %d bytes dropped",
                                 seg.path.name, problem.offset, problem.why, dropped)
                 fs.truncate(seg.path, problem.offset)
-            seg.size = good_end if problem is not None else len(data)
-            for rec in records:
-                yield rec
-            if records:
-                expect = records[-1][0] + 1
+            seg.size = reader.good_end if problem is not None else reader.size
+            if n:
+                expect = reader.next_seq
             elif expect is None:
-                expect = segment_first_seq(data)
+                expect = reader.first_seq
             if not last:
                 seg.last_seq = expect - 1
             i += 1
