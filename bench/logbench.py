@@ -295,7 +295,7 @@ def _data_bytes(data: Path) -> int:
 
 
 def start_router_timed(ch: Children, name: str, port: int, data: Path, fsync: str,
-                       bound_s: float) -> tuple[Child, dict[str, Any]]:
+                       bound_s: float, extra: tuple[str, ...] = ()) -> tuple[Child, dict[str, Any]]:
     """Start a router on ``data`` and time it: Popen -> port accepts -> first ``status()`` answer.
 
     Returns the child and ``bind_s``, ``answer_s`` (seconds from Popen),
@@ -309,7 +309,7 @@ def start_router_timed(ch: Children, name: str, port: int, data: Path, fsync: st
     addr = f"tcp://127.0.0.1:{port}"
     t0 = time.perf_counter()
     router = ch.start(name, [PY, "-m", "zmqrun", "router", "--bind", addr, "--data-dir", str(data),
-                             "--fsync", fsync])
+                             "--fsync", fsync, *extra])
     deadline = t0 + bound_s
     while not _port_open(port):
         if not router.alive():
@@ -381,7 +381,10 @@ def run_recovery(ctx: Any) -> None:
             port = free_port()
             addr = f"tcp://127.0.0.1:{port}"
             ctx.progress(f"recovery: generating {sizes}")
-            router, _ = start_router_timed(ch, "recovery-router", port, data, fsync, bound)
+            # At --quick sizes the log never reaches a 64 MiB segment: smaller segments make the generating
+            # router roll, index and snapshot as the full-size run does.
+            seg = () if full else ("--segment-mb", "1")
+            router, _ = start_router_timed(ch, "recovery-router", port, data, fsync, bound, seg)
             worker = ch.start("recovery-worker", [PY, "-m", "zmqrun", "worker", "--connect", addr,
                                                   "--dedicated", script])
             warm = 1000
@@ -417,6 +420,12 @@ def run_recovery(ctx: Any) -> None:
             add("recovery/generate/live", "recovery",
                 f"generate: {n_live:,} jobs submitted with a {LIVE_DELAY_S / 3600:g} h delay, 1,000 per SUBMIT",
                 n_live / gen_live_s, "jobs/s", n=n_live, seconds=gen_live_s, **common)
+            ck = (st.get("log") or {}).get("checkpoints") or {}
+            add("recovery/checkpoint/pause", "recovery",
+                f"longest loop pause for a checkpoint (fork of the index/snapshot writer, index open, retention) "
+                f"while generating {sizes}", ck.get("max_pause_ms", float("nan")), "ms", **common,
+                note=f"{ck.get('count', 0)} checkpoints, {ck.get('snapshots', 0)} snapshots, "
+                     f"{ck.get('total_pause_ms', 0):.1f} ms in all")
             add("recovery/rss/live", "recovery", f"live router RSS after generating {sizes}",
                 live_vm["rss_mb"], "MB", hwm_mb=live_vm["hwm_mb"], **common,
                 note=f"VmHWM {live_vm['hwm_mb']:.1f} MB")
@@ -427,7 +436,7 @@ def run_recovery(ctx: Any) -> None:
             router.proc.wait(timeout=30)
             router.stop()
             size = _data_bytes(data)
-            kill_r, kill = start_router_timed(ch, "recovery-router-after-kill", port, data, fsync, bound)
+            kill_r, kill = start_router_timed(ch, "recovery-router-after-kill", port, data, fsync, bound, seg)
             _check_counts(kill["status"], n_fin_all, n_live, "router restarted after SIGKILL")
 
             ctx.progress("recovery: SIGTERM and restart")
@@ -437,7 +446,7 @@ def run_recovery(ctx: Any) -> None:
             if code != 0:
                 raise ChildError(f"the recovered router did not stop cleanly on SIGTERM (exit {code}):\n"
                                  f"{kill_r.tail()}")
-            term_r, term = start_router_timed(ch, "recovery-router-after-term", port, data, fsync, bound)
+            term_r, term = start_router_timed(ch, "recovery-router-after-term", port, data, fsync, bound, seg)
             _check_counts(term["status"], n_fin_all, n_live, "router restarted after SIGTERM")
             term_r.stop(timeout_s=bound)
         extra = {**common, "data_bytes": size, "log_records": records, "bound_s": bound}

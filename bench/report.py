@@ -88,6 +88,10 @@ def joblog_ratios(res: Results) -> list[dict[str, Any]]:
     out.append(r)
     out.append(_absolute("Persistence CPU per job: SUBMIT+DISPATCH encoded, FINISH appended, 256 jobs per durable "
                          "flush (us/job, fsync=always)", row("log-writer/persist-cpu/always"), "<=", 10.0))
+    pause = row("recovery/checkpoint/pause")
+    out.append(_absolute("Longest router-loop pause for a checkpoint (index file + snapshot writer fork) (ms)",
+                         pause, "<=", 10.0, bool(pause and pause.get("full_size")), "" if pause is None or
+                         pause.get("full_size") else "informational at --quick sizes; " + pause.get("note", "")))
     for key, what in (("sigterm", "after SIGTERM"), ("sigkill", "after SIGKILL")):
         t = row(f"recovery/restart/{key}")
         full = bool(t and t.get("full_size"))

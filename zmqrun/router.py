@@ -169,6 +169,8 @@ class Router:
         self._to_index: list[Segment] = []  # sealed segments waiting for their index file
         self._child: tuple[int, list[Segment], int | None] | None = None  # (pid, segments, snapshot seq)
         self._snap_bytes = 0  # size of the last snapshot's live state, estimated
+        # What checkpoints cost the loop (fork, then opening the index files and retention): seconds.
+        self.checkpoints = {"count": 0, "snapshots": 0, "max_pause_ms": 0.0, "total_pause_ms": 0.0}
         self._bytes_since_snap = 0  # bytes of segments sealed since the last snapshot
         self._wake_r, self._wake_w = os.pipe()  # signal.set_wakeup_fd: a signal wakes the poll at once
         os.set_blocking(self._wake_r, False)
@@ -287,6 +289,7 @@ class Router:
         entries = [self.archive.entries_of(seg) for seg in segs]
         if background if background is not None else self.background_checkpoints:
             parent = os.getpid()
+            t0 = time.perf_counter()
             pid = os.fork()
             if pid == 0:  # the child: write files, touch no socket, leave without cleanup
                 code = 1
@@ -303,6 +306,7 @@ class Router:
                 finally:
                     os._exit(code)
             self._child = (pid, segs, snap_seq)
+            self._paused(t0)
             return
         try:
             self._write_checkpoint(segs, entries, snap_seq)
@@ -338,9 +342,20 @@ class Router:
                       os.waitstatus_to_exitcode(status))
             self._to_index = segs + self._to_index
             return
+        t0 = time.perf_counter()
         self._checkpoint_done(segs, snap_seq, verify=False)
+        self._paused(t0)
+
+    def _paused(self, t0: float) -> None:
+        ms = (time.perf_counter() - t0) * 1000
+        c = self.checkpoints
+        c["total_pause_ms"] += ms
+        if ms > c["max_pause_ms"]:
+            c["max_pause_ms"] = ms
 
     def _checkpoint_done(self, segs: list[Segment], snap_seq: int | None, verify: bool = True) -> None:
+        self.checkpoints["count"] += 1
+        self.checkpoints["snapshots"] += snap_seq is not None
         for seg in segs:
             seg.index = SegmentIndex(self.data_dir / index_name(seg.first_seq), verify=verify)
             seg.batches = None
@@ -791,7 +806,8 @@ class Router:
             "dropped": dict(self.stats),
             "log": {"records": self.log.last_seq, "batches": self.log.batches_written, "syncs": self.log.syncs,
                     "segments": len(self.log.segments), "bytes": sum(seg.size for seg in self.log.segments[:-1])
-                    + self.log._seg_size, "snapshot": (list_snapshots(self.log.fs, self.data_dir) or [None])[-1]},
+                    + self.log._seg_size, "snapshot": (list_snapshots(self.log.fs, self.data_dir) or [None])[-1],
+                    "checkpoints": {k: round(v, 3) for k, v in self.checkpoints.items()}},
         }
 
     # worker commands
