@@ -4,6 +4,7 @@ mid-file corruption, segment rolls, the directory lock."""
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from pathlib import Path
 
@@ -207,3 +208,46 @@ def test_fsync_policy_parse() -> None:
     for bad in ("sometimes", "always=5", "interval=abc", "interval=-1"):
         with pytest.raises(ValueError):
             FsyncPolicy.parse(bad)
+
+
+def test_damage_in_a_never_synced_region_before_later_unsynced_batches_is_a_torn_tail(tmp_path: Path) -> None:
+    """A power loss can lose an unsynced batch yet keep a later one (pages reach the disk in any order).
+    Batches written without a sync in between vouch only for the prefix synced before them
+    (sync_lag), so the hole reads as a never-synced tail, not as corruption; nothing acknowledged is in it."""
+    log = JobLog(tmp_path, FsyncPolicy("always"))
+    list(log.recover())
+    log.start()
+    acked = log.append(joblog.SUBMIT, b'{"acked": 1}', eager=True)
+    log.flush(need_durable=True)  # synced: acknowledged
+    for i in range(3):  # written, never synced (records nobody waits on)
+        log.append(joblog.FINISH, b'{"lazy": %d}' % i)
+        log.flush(need_durable=False)
+    log._fd, fd = -1, log._fd  # crash: no close-time sync
+    os.close(fd)
+    log.close()
+    seg = joblog.list_segments(tmp_path)[-1]
+    offsets = _batches(seg)
+    data = bytearray(seg.read_bytes())
+    data[offsets[1]:offsets[2]] = bytes(offsets[2] - offsets[1])  # the first unsynced batch never reached the disk
+    seg.write_bytes(bytes(data))
+    again, recs = _recover(tmp_path)
+    assert [seq for seq, _, _ in recs] == [acked]
+    assert seg.stat().st_size == offsets[1]
+    again.close()
+
+
+def test_damage_in_a_synced_region_before_a_later_batch_is_refused(tmp_path: Path) -> None:
+    log = JobLog(tmp_path, FsyncPolicy("always"))
+    list(log.recover())
+    log.start()
+    for i in range(3):
+        log.append(joblog.SUBMIT, b'{"acked": %d}' % i, eager=True)
+        log.flush(need_durable=True)  # each batch synced before the next is written
+    log.close()
+    seg = joblog.list_segments(tmp_path)[-1]
+    offsets = _batches(seg)
+    data = bytearray(seg.read_bytes())
+    data[offsets[1] + joblog.BATCH_HEADER_SIZE] ^= 0x01  # a flipped bit in a synced batch's body
+    seg.write_bytes(bytes(data))
+    with pytest.raises(LogCorruption, match=f"offset {offsets[1]}"):
+        _recover(tmp_path)

@@ -17,11 +17,19 @@ Batch frame (the unit of commit, modelled on Kafka record batches)::
     0  u32 magic            4  u32 header_crc (over bytes 8..31)
     8  u32 body_len (<= MAX_BATCH)            12 u32 body_crc
     16 u64 first_seq (= previous first_seq + previous count)
-    24 u32 count            28 u16 flags, u16 reserved
+    24 u32 count            28 u32 sync_lag (bytes before this batch not yet fdatasync'ed when it was written)
     32 body = count x [u8 type, u32 len, payload]
 
 Two CRCs so that a flipped bit in ``body_len`` is detected as corruption
-instead of being mistaken for a torn tail.  Record lengths are fixed u32
+instead of being mistaken for a torn tail.  ``sync_lag`` replaces the rule
+"batch N+1 is written only after fsync(N)": records nobody waits on (DISPATCH,
+FINISH) are written without a sync of their own, so after a power loss
+several unsynced batches may be damaged in any order.  Each batch therefore
+says where the synced prefix ended when it was written (its offset minus
+``sync_lag``); recovery treats damage that lies wholly past the furthest
+synced prefix any surviving batch vouches for as a torn, never-synced tail
+(nothing acknowledged in ``always`` mode is there) and anything before it as
+corruption.  Record lengths are fixed u32
 rather than varints: simpler and faster to parse in Python, 3 bytes dearer.
 
 Write path (group commit): the router loop calls :meth:`JobLog.append` (a
@@ -81,7 +89,7 @@ WRITE_BATCH_BYTES = 1024 * 1024  # write-side cap per batch (RocksDB groups up t
 WRITE_BATCH_RECORDS = 4096
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
-_BATCH = struct.Struct("<IIIIQIHH")  # 32 bytes
+_BATCH = struct.Struct("<IIIIQII")  # 32 bytes
 _SEG = struct.Struct("<4sHBBQQI")  # 28 bytes + u32 crc = 32
 _U32 = struct.Struct("<I")
 _REC = struct.Struct("<BI")
@@ -146,10 +154,11 @@ class FsyncPolicy:
         return cls(mode)
 
 
-def encode_batch(first_seq: int, records: list[tuple[int, bytes]]) -> bytes:
-    """Frame ``records`` ([(type, payload)]) as one batch starting at ``first_seq``."""
+def encode_batch(first_seq: int, records: list[tuple[int, bytes]], sync_lag: int = 0) -> bytes:
+    """Frame ``records`` ([(type, payload)]) as one batch starting at ``first_seq``; ``sync_lag``: bytes
+    written before it in its segment that were not yet fdatasync'ed (see the module docstring)."""
     body = b"".join([_REC.pack(t, len(p)) + p for t, p in records])
-    rest = struct.pack("<IIQIHH", len(body), zlib.crc32(body), first_seq, len(records), 0, 0)
+    rest = struct.pack("<IIQII", len(body), zlib.crc32(body), first_seq, len(records), min(sync_lag, 0xFFFFFFFF))
     return _U32.pack(BATCH_MAGIC) + _U32.pack(zlib.crc32(rest)) + rest + body
 
 
@@ -200,7 +209,7 @@ def parse_batch_header(data: bytes, off: int) -> tuple[int, int, int, int] | str
     """Validate the batch header at ``off``; return (body_len, body_crc, first_seq, count) or a reason string."""
     if off + BATCH_HEADER_SIZE > len(data):
         return "truncated batch header"
-    magic, hcrc, body_len, body_crc, first_seq, count, _flags, _res = _BATCH.unpack_from(data, off)
+    magic, hcrc, body_len, body_crc, first_seq, count, _sync_lag = _BATCH.unpack_from(data, off)
     if magic != BATCH_MAGIC:
         return "bad batch magic"
     if zlib.crc32(data[off + 8 : off + 32]) != hcrc:
@@ -265,6 +274,26 @@ def read_segment(path: Path, data: bytes, expect_seq: int | None, batches: array
 def segment_first_seq(data: bytes) -> int:
     """The first sequence number a (valid) segment header names."""
     return _SEG.unpack_from(data)[4]
+
+
+def batch_sync_lag(data: bytes, off: int) -> int:
+    """The ``sync_lag`` field of the (already validated) batch header at ``off``."""
+    return _U32.unpack_from(data, off + 28)[0]
+
+
+def synced_prefix_claim(data: bytes, start: int, base: int = 0) -> tuple[int | None, int]:
+    """Scan ``data`` after ``start`` for valid batch headers; return (offset of the first one or None,
+    the furthest synced prefix any of them vouches for, as a file offset: ``base + pos - sync_lag``)."""
+    magic = _U32.pack(BATCH_MAGIC)
+    first, claim = None, 0
+    pos = data.find(magic, start + 1)
+    while pos != -1:
+        if not isinstance(parse_batch_header(data, pos), str):
+            if first is None:
+                first = pos
+            claim = max(claim, base + pos - batch_sync_lag(data, pos))
+        pos = data.find(magic, pos + 1)
+    return first, claim
 
 
 def later_valid_batch(data: bytes, start: int) -> int | None:
@@ -417,6 +446,7 @@ class JobLog:
         self.failure: BaseException | None = None
         self._fd = -1
         self._seg_size = 0
+        self._synced_size = 0  # bytes of the active segment known durable (fdatasync returned)
         self.segments: list[Segment] = []  # every segment present, oldest first; the last is active
         self._firsts: list[int] = []  # first_seq of each segment, for bisection
         self.sealed: list[Segment] = []  # sealed by flush(), not yet handed to the owner
@@ -515,12 +545,18 @@ class JobLog:
                     segments.pop()
                     break
                 rest = fs.pread(seg.path, reader.size - problem.offset, problem.offset)
-                later = later_valid_batch(rest, 0)
-                if later is not None or problem.offset == 0:
+                later, synced_to = synced_prefix_claim(rest, -1, problem.offset)
+                if problem.offset == 0 or (later is not None and synced_to > problem.offset):
                     raise LogCorruption(seg.path, problem.offset, problem.why + (
-                        f"; a valid batch follows at offset {problem.offset + later}" if later is not None else ""))
+                        f"; a valid batch follows at offset {problem.offset + later}, written after the damaged "
+                        f"bytes were synced" if later is not None else ""))
                 dropped = len(rest)
-                if rest.count(0) == dropped:
+                if later is not None:
+                    log.warning("%s: damaged batch at offset %d (%s) followed by batches written before any sync "
+                                "covered it (a crash before fdatasync, e.g. a power loss); truncating, %d bytes "
+                                "dropped, none of them acknowledged", seg.path.name, problem.offset, problem.why,
+                                dropped)
+                elif rest.count(0) == dropped:
                     log.warning("%s: %d zero bytes after offset %d (an unfinished write); truncating",
                                 seg.path.name, dropped, problem.offset)
                 else:
@@ -589,7 +625,10 @@ class JobLog:
             # (a segment with no record yet is as good as a new one, roll or not)
             seg = self.segments[-1]
             self._fd = self.fs.open_append(seg.path)
-            self._seg_size = seg.size
+            # What recovery read back may still sit in the page cache (a kill -9 keeps it): sync it once so
+            # the batches written from now on can vouch for it (sync_lag 0).
+            self.fs.fdatasync(self._fd)
+            self._seg_size = self._synced_size = seg.size
         else:
             if self.segments:
                 self.segments[-1].last_seq = self._written_seq
@@ -640,7 +679,7 @@ class JobLog:
                 batches = self.segments[-1].batches
                 while self._pending:
                     batch = self._take_batch()
-                    frame = encode_batch(self._written_seq + 1, batch)
+                    frame = encode_batch(self._written_seq + 1, batch, self._seg_size - self._synced_size)
                     self._write_all(frame)
                     batches.append(self._written_seq + 1)  # type: ignore[union-attr]
                     batches.append(self._seg_size)  # type: ignore[union-attr]
@@ -688,6 +727,7 @@ class JobLog:
 
     def _sync(self) -> None:
         self.fs.fdatasync(self._fd)
+        self._synced_size = self._seg_size
         self.syncs += 1
         self.durable_seq = self._written_seq
         self._unsynced_since = None
@@ -736,7 +776,7 @@ class JobLog:
         fs.fdatasync(fd)
         fs.fsync_dir(self.dir)
         self._fd = fd
-        self._seg_size = len(head)
+        self._seg_size = self._synced_size = len(head)
         seg = Segment(first_seq, path)
         seg.size = len(head)
         self.segments.append(seg)
