@@ -190,10 +190,15 @@ def list_segments(data_dir: Path) -> list[Path]:
 
 @dataclass
 class BatchProblem:
-    """Where and why reading a segment stopped early."""
+    """Where and why reading a segment stopped early.
+
+    ``complete``: the batch at ``offset`` passed its CRCs (a wrong sequence number, a malformed
+    body, a length over the bound), so it was written whole: it cannot be a torn write.
+    """
 
     offset: int
     why: str
+    complete: bool = False
 
 
 def parse_batch_header(data: bytes, off: int) -> tuple[int, int, int, int] | str:
@@ -238,7 +243,7 @@ def read_segment(path: Path, data: bytes, expect_seq: int | None, batches: array
     while off < len(data):
         parsed = parse_batch_header(data, off)
         if isinstance(parsed, str):
-            return out, off, BatchProblem(off, parsed)
+            return out, off, BatchProblem(off, parsed, complete=parsed.startswith("batch length"))
         body_len, body_crc, bseq, count = parsed
         end = off + BATCH_HEADER_SIZE + body_len
         if end > len(data):
@@ -247,11 +252,11 @@ def read_segment(path: Path, data: bytes, expect_seq: int | None, batches: array
         if zlib.crc32(body) != body_crc:
             return out, off, BatchProblem(off, "batch body CRC mismatch")
         if bseq != seq:
-            return out, off, BatchProblem(off, f"sequence gap: batch starts at {bseq}, expected {seq}")
+            return out, off, BatchProblem(off, f"sequence gap: batch starts at {bseq}, expected {seq}", True)
         try:
             records = decode_body(body, count)
         except ValueError as e:
-            return out, off, BatchProblem(off, str(e))
+            return out, off, BatchProblem(off, str(e), True)
         if batches is not None:
             batches.append(seq)
             batches.append(off)
@@ -414,6 +419,15 @@ class JobLog:
             if name.endswith(".tmp"):
                 fs.unlink(self.dir / name)
         segments = self.segments
+        for i, seg in enumerate(segments):
+            if not (after_seq and i + 1 < len(segments) and segments[i + 1].first_seq <= after_seq + 1):
+                # Replayed: its table is rebuilt as we read.  Its index (written before the restart) goes
+                # *now*, not when the replay reaches it: while the owner replays an earlier segment, a
+                # later segment's index must not answer lookups (it would call a job submitted there
+                # finished already, and the owner would skip its SUBMIT as a duplicate).
+                if seg.index is not None:
+                    seg.index.close()
+                seg.batches, seg.index = array("q"), None
         expect: int | None = after_seq + 1 if after_seq else None
         i = 0
         while i < len(segments):
@@ -425,7 +439,6 @@ class JobLog:
             last = i == len(segments) - 1
             data = fs.read_bytes(seg.path)
             self.replayed_bytes += len(data)
-            seg.batches, seg.index = array("q"), None  # replayed: the table is rebuilt as we read
             records, good_end, problem = read_segment(seg.path, data, expect, seg.batches)
             if problem is not None:
                 if not last:
@@ -440,7 +453,8 @@ class JobLog:
                     segments.pop()
                     break
                 later = later_valid_batch(data, problem.offset)
-                if later is not None or problem.offset == 0:
+                if later is not None or problem.offset == 0 or problem.complete:
+                    # (a batch that passed its CRCs was written whole: a wrong sequence in it is not a torn write)
                     raise LogCorruption(seg.path, problem.offset, problem.why +
                                         (f"; a valid batch follows at offset {later}" if later is not None else ""))
                 dropped = len(data) - problem.offset
