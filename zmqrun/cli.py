@@ -292,6 +292,72 @@ def status(address: str, client_timeout: float, as_json: bool) -> None:
             click.echo(f"  {script}: {n}")
 
 
+# -- job log tools ------------------------------------------------------------------------------
+
+
+@main.group("log")
+def log_group() -> None:
+    """Check and repair a data dir's job log offline (exit 0 healthy, 1 corrupt, 2 unreadable)."""
+
+
+@log_group.command("check")
+@click.argument("data_dir")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def log_check(data_dir: str, as_json: bool) -> None:
+    """Verify every segment, index file, snapshot and CURRENT of DATA_DIR without changing anything.
+
+    Says what the router would do on start: load which snapshot, truncate a torn tail (a warning,
+    exit 0) or refuse to start (corruption, exit 1, with the file and byte offset).
+    """
+    from .logcheck import CheckError, check, format_report
+
+    try:
+        rep = check(data_dir)
+    except CheckError as e:
+        click.echo(f"zmqrun: error: {e}", err=True)
+        sys.exit(2)
+    try:
+        click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else format_report(rep))
+    finally:
+        rep.close()
+    sys.exit(rep.exit_code)
+
+
+@log_group.command("repair")
+@click.argument("data_dir")
+@click.option("--truncate-at-corruption", "truncate", is_flag=True,
+              help="do it: cut the log at its first bad batch (without it, only print what would be dropped)")
+def log_repair(data_dir: str, truncate: bool) -> None:
+    """Cut DATA_DIR's log at its first bad batch: truncate that segment, remove later segments and the
+    index files and snapshots that refer past the cut.  Refuses while a router runs on DATA_DIR."""
+    from .logcheck import CheckError, format_report, repair
+
+    try:
+        before, plan, after = repair(data_dir, apply=truncate)
+    except (CheckError, OSError) as e:
+        click.echo(f"zmqrun: error: {e}", err=True)
+        sys.exit(2)
+    if plan.empty:
+        click.echo("nothing to repair: no bad batch, and nothing refers past the end of the log")
+        for line in plan.lines():
+            click.echo(line)
+        sys.exit(before.exit_code)
+    if after is None:
+        click.echo("would drop (nothing changed; run again with --truncate-at-corruption to do it):")
+        for line in plan.lines():
+            click.echo(line)
+        sys.exit(1)
+    click.echo("dropped:")
+    for line in plan.lines():
+        click.echo(line)
+    click.echo("\ncheck after the repair:")
+    try:
+        click.echo(format_report(after))
+    finally:
+        after.close()
+    sys.exit(after.exit_code)
+
+
 @main.command()
 @click.option("--warm-jobs", default=500, show_default=True, help="jobs through the dedicated (warm) worker")
 @click.option("--cold-jobs", default=100, show_default=True, help="jobs through the normal (cold) worker")

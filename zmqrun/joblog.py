@@ -199,10 +199,15 @@ def list_segments(data_dir: Path) -> list[Path]:
 
 @dataclass
 class BatchProblem:
-    """Where and why reading a segment stopped early."""
+    """Where and why reading a segment stopped early.
+
+    ``complete``: the batch at ``offset`` passed its CRCs (a wrong sequence number, a malformed
+    body, a length over the bound), so it was written whole: it cannot be a torn write.
+    """
 
     offset: int
     why: str
+    complete: bool = False
 
 
 def parse_batch_header(data: bytes, off: int) -> tuple[int, int, int, int] | str:
@@ -247,7 +252,7 @@ def read_segment(path: Path, data: bytes, expect_seq: int | None, batches: array
     while off < len(data):
         parsed = parse_batch_header(data, off)
         if isinstance(parsed, str):
-            return out, off, BatchProblem(off, parsed)
+            return out, off, BatchProblem(off, parsed, complete=parsed.startswith("batch length"))
         body_len, body_crc, bseq, count = parsed
         end = off + BATCH_HEADER_SIZE + body_len
         if end > len(data):
@@ -256,11 +261,11 @@ def read_segment(path: Path, data: bytes, expect_seq: int | None, batches: array
         if zlib.crc32(body) != body_crc:
             return out, off, BatchProblem(off, "batch body CRC mismatch")
         if bseq != seq:
-            return out, off, BatchProblem(off, f"sequence gap: batch starts at {bseq}, expected {seq}")
+            return out, off, BatchProblem(off, f"sequence gap: batch starts at {bseq}, expected {seq}", True)
         try:
             records = decode_body(body, count)
         except ValueError as e:
-            return out, off, BatchProblem(off, str(e))
+            return out, off, BatchProblem(off, str(e), True)
         if batches is not None:
             batches.append(seq)
             batches.append(off)
@@ -341,7 +346,7 @@ class SegmentReader:
                 hdr = f.read(BATCH_HEADER_SIZE)
                 parsed = parse_batch_header(hdr, 0)
                 if isinstance(parsed, str):
-                    self.problem = BatchProblem(off, parsed)
+                    self.problem = BatchProblem(off, parsed, complete=parsed.startswith("batch length"))
                     break
                 body_len, body_crc, bseq, count = parsed
                 body = f.read(body_len)
@@ -352,12 +357,12 @@ class SegmentReader:
                     self.problem = BatchProblem(off, "batch body CRC mismatch")
                     break
                 if bseq != seq:
-                    self.problem = BatchProblem(off, f"sequence gap: batch starts at {bseq}, expected {seq}")
+                    self.problem = BatchProblem(off, f"sequence gap: batch starts at {bseq}, expected {seq}", True)
                     break
                 try:
                     records = decode_body(body, count)
                 except ValueError as e:
-                    self.problem = BatchProblem(off, str(e))
+                    self.problem = BatchProblem(off, str(e), True)
                     break
                 if self.batches is not None:
                     self.batches.append(seq)
@@ -509,12 +514,14 @@ class JobLog:
                 fs.unlink(self.dir / name)
         segments = self.segments
         for i, seg in enumerate(segments):
-            if seg.index is not None and not (after_seq and i + 1 < len(segments)
-                                              and segments[i + 1].first_seq <= after_seq + 1):
-                # To be replayed: its old index must not answer lookups during the replay (a job
-                # submitted in an earlier segment would look finished already and be skipped).
-                seg.index.close()
-                seg.index = None
+            if not (after_seq and i + 1 < len(segments) and segments[i + 1].first_seq <= after_seq + 1):
+                # Replayed: its table is rebuilt as we read.  Its index (written before the restart) goes
+                # *now*, not when the replay reaches it: while the owner replays an earlier segment, a
+                # later segment's index must not answer lookups (it would call a job submitted there
+                # finished already, and the owner would skip its SUBMIT as a duplicate).
+                if seg.index is not None:
+                    seg.index.close()
+                seg.batches, seg.index = array("q"), None
         expect: int | None = after_seq + 1 if after_seq else None
         i = 0
         while i < len(segments):
@@ -546,7 +553,8 @@ class JobLog:
                     break
                 rest = fs.pread(seg.path, reader.size - problem.offset, problem.offset)
                 later, synced_to = synced_prefix_claim(rest, -1, problem.offset)
-                if problem.offset == 0 or (later is not None and synced_to > problem.offset):
+                # (a batch that passed its CRCs was written whole: a wrong sequence in it is not a torn write)
+                if problem.offset == 0 or problem.complete or (later is not None and synced_to > problem.offset):
                     raise LogCorruption(seg.path, problem.offset, problem.why + (
                         f"; a valid batch follows at offset {problem.offset + later}, written after the damaged "
                         f"bytes were synced" if later is not None else ""))

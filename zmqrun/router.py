@@ -194,7 +194,10 @@ class Router:
         segs = jlog.scan_segments()
         snap = load_latest(jlog.fs, self.data_dir)
         after, states = snap if snap is not None else (0, [])
-        covered = [seg for i, seg in enumerate(segs[:-1]) if after and segs[i + 1].first_seq <= after + 1]
+        # Covered: wholly at or before the snapshot (by where the next segment starts, or by the segment's
+        # own index when the next one is missing, so that the gap check below names the right file).
+        covered = [seg for i, seg in enumerate(segs[:-1]) if after and (
+            segs[i + 1].first_seq <= after + 1 or (seg.index is not None and seg.index.last_seq <= after))]
         unindexed = [seg for seg in covered if seg.index is None]
         if unindexed:
             if segs[0].first_seq != 1:
@@ -203,6 +206,13 @@ class Router:
             log.warning("index of %s missing or damaged: replaying the whole log to rebuild it",
                         unindexed[0].path.name)
             after, states = 0, []
+        elif after:
+            # Covered segments are not read, but a missing one is still a sequence gap (nothing is dropped
+            # silently): each must end, by its index, right before the next begins.
+            for seg, nxt in zip(covered, segs[1:]):
+                if seg.index.last_seq + 1 != nxt.first_seq:  # type: ignore[union-attr]
+                    raise LogCorruption(nxt.path, 0, f"sequence gap: segment starts at {nxt.first_seq}, expected "
+                                        f"{seg.index.last_seq + 1} (the end of {seg.path.name} by its index)")  # type: ignore[union-attr]
         jobs = self.queue.jobs
         for d in states:
             job = job_from_state(d)

@@ -83,14 +83,19 @@ def decode_snapshot(data: bytes, name: str = "snapshot") -> tuple[int, list[dict
     return seq, d["jobs"]
 
 
+def encode_current(seq: int) -> bytes:
+    """The bytes of a CURRENT file naming the snapshot at ``seq``."""
+    line = orjson.dumps({"snapshot": snapshot_name(seq), "seq": seq})
+    return line + b"\n" + f"{zlib.crc32(line):08x}\n".encode()
+
+
 def write_snapshot(fs: RealFS, data_dir: Path, seq: int, jobs: list[dict[str, Any]], at: float) -> None:
     """Durably write snapshot ``seq``, point CURRENT at it and keep only the newest two.
 
     Raises OSError if a write or sync fails (nothing older is removed then).
     """
     fs.write_file(data_dir / snapshot_name(seq), encode_snapshot(seq, jobs, at))
-    line = orjson.dumps({"snapshot": snapshot_name(seq), "seq": seq})
-    fs.write_file(data_dir / "CURRENT", line + b"\n" + f"{zlib.crc32(line):08x}\n".encode())
+    fs.write_file(data_dir / "CURRENT", encode_current(seq))
     for old in list_snapshots(fs, data_dir)[:-KEEP_SNAPSHOTS]:
         fs.unlink(data_dir / snapshot_name(old))
     fs.fsync_dir(data_dir)
