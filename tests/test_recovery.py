@@ -227,13 +227,26 @@ def test_router_kill9_while_a_job_runs_reruns_it_after_restart(zr: Cluster, tmp_
     assert worker.alive()
 
 
+STARTED = """\
+import os
+import time
+
+def slow(seconds, marker):
+    open(marker, "w").close()
+    time.sleep(seconds)
+    return os.getpid()
+"""
+
+
 def test_worker_sigterm_finishes_the_running_job_then_leaves(zr: Cluster, tmp_path: Path) -> None:
-    script = f"{write_script(tmp_path, 'slow.py', SLOW)}:slow"
+    script = f"{write_script(tmp_path, 'started.py', STARTED)}:slow"
     zr.start_router()
     c = zr.client()
     worker = zr.start_worker(script, name="graceful")  # heartbeat 0.5 s: expiry would take 1.5 s
-    job = c.submit(script, {"seconds": 0.4})
-    wait_until(lambda: c.get(job.id).status == "running", timeout=10, interval=0.02, what="the job to start")
+    marker = tmp_path / "started"
+    job = c.submit(script, {"seconds": 0.4, "marker": str(marker)})
+    # "running" at the router means dispatched; the SIGTERM must come once the worker really runs it.
+    wait_until(marker.exists, timeout=10, interval=0.01, what="the job to start on the worker")
     worker.popen.terminate()
     assert worker.popen.wait(10) == 0
     rec = c.get(job.id)
