@@ -92,24 +92,22 @@ def joblog_ratios(res: Results) -> list[dict[str, Any]]:
     out.append(_absolute("Longest router-loop pause for a checkpoint (index file + snapshot writer fork) (ms)",
                          pause, "<=", 10.0, bool(pause and pause.get("full_size")), "" if pause is None or
                          pause.get("full_size") else "informational at --quick sizes; " + pause.get("note", "")))
+    def at_full_size(key: str, name: str, unit: str, target: float, target_text: str) -> dict[str, Any]:
+        # Judged only at the sizes (1,000,000 finished + 100,000 live); informational otherwise.
+        r = row(key)
+        full = bool(r and r.get("full_size"))
+        sizes = f"{r['finished']:,} finished + {r['live']:,} live" if r else "1,000,000 finished + 100,000 live"
+        why = "" if full or r is None else (
+            f"measured at {sizes} jobs: the {target_text} target is for 1,000,000 + 100,000, not judged here; "
+            + r.get("note", ""))
+        return _absolute(f"{name}, {sizes} jobs ({unit})", r, "<=", target, full, why)
+
     for key, what in (("sigterm", "after SIGTERM"), ("sigkill", "after SIGKILL")):
-        t = row(f"recovery/restart/{key}")
-        full = bool(t and t.get("full_size"))
-        sizes = f"{t['finished']:,} finished + {t['live']:,} live" if t else "1,000,000 finished + 100,000 live"
-        why = "" if full or t is None else (
-            f"measured at {sizes} jobs: the < 3 s target is for 1,000,000 + 100,000, not judged here; "
-            + t.get("note", ""))
-        out.append(_absolute(f"Router restart {what} to first status() answer, {sizes} jobs (s)",
-                             t, "<=", 3.0, full, why))
+        out.append(at_full_size(f"recovery/restart/{key}", f"Router restart {what} to first status() answer",
+                                "s", 3.0, "< 3 s"))
     for key, what in (("sigterm", "restarted after SIGTERM"), ("sigkill", "restarted after SIGKILL"),
                       ("live", "live, after generating")):
-        m = row(f"recovery/rss/{key}")
-        full = bool(m and m.get("full_size"))
-        sizes = f"{m['finished']:,} finished + {m['live']:,} live" if m else "1,000,000 finished + 100,000 live"
-        why = "" if full or m is None else (
-            f"measured at {sizes} jobs: the < 150 MB target is for 1,000,000 finished, not judged here; "
-            + m.get("note", ""))
-        out.append(_absolute(f"Router RSS, {what}, {sizes} jobs (MB)", m, "<=", 150.0, full, why))
+        out.append(at_full_size(f"recovery/rss/{key}", f"Router RSS, {what}", "MB", 150.0, "< 150 MB"))
     return out
 
 
