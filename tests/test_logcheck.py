@@ -596,3 +596,33 @@ def test_repair_of_a_deleted_segment_after_the_snapshot_cuts_there_and_the_route
         assert state(r, built.all_ids) == built.expected(kept)
     finally:
         close(r)
+
+
+def test_junk_after_the_last_batch_of_a_sealed_segment_is_cut_when_the_next_segment_proves_nothing_is_missing(
+        tmp_path: Path) -> None:
+    """Zeros or garbage appended to a sealed segment hide no record when the next segment starts at the
+    next sequence number: the router truncates them (with a warning) instead of refusing, and check agrees."""
+    from routerdriver import Driver
+
+    d = Driver(tmp_path / "data", segment_bytes=4096)
+    for _ in range(120):
+        d.submit(1)
+        d.tick()
+        d.work()
+        d.tick()
+    d.close()
+    segs = sorted((tmp_path / "data").glob("seg-*.log"))
+    assert len(segs) >= 4
+    victim = segs[-2]  # sealed
+    size = victim.stat().st_size
+    with open(victim, "ab") as f:
+        f.write(bytes(4096) + b"garbage")
+    for p in (tmp_path / "data").glob("snap-*"):  # no snapshot: the router replays every segment
+        p.unlink()
+    (tmp_path / "data" / "CURRENT").unlink()
+    rep = logcheck.check(tmp_path / "data")
+    assert rep.exit_code == 0, rep.findings
+    again = Driver(tmp_path / "data", segment_bytes=4096)
+    assert again.router.archive.count() == len(d.finished)
+    assert victim.stat().st_size == size
+    again.close()

@@ -184,7 +184,7 @@ def test_mid_file_corruption_raises_with_file_and_offset(tmp_path: Path, where: 
     assert seg.read_bytes() == bytes(data)  # nothing changed
 
 
-def test_segments_roll_and_damage_in_a_sealed_segment_is_refused(tmp_path: Path) -> None:
+def test_segments_roll_junk_after_a_sealed_segment_is_cut_and_damage_inside_it_is_refused(tmp_path: Path) -> None:
     expect = _populate(tmp_path, batches=6, per_batch=2, segment_bytes=120)
     segs = joblog.list_segments(tmp_path)
     assert len(segs) >= 3
@@ -192,9 +192,18 @@ def test_segments_roll_and_damage_in_a_sealed_segment_is_refused(tmp_path: Path)
     log, recs = _recover(tmp_path, segment_bytes=120)
     log.close()
     assert recs == expect
-    # Garbage at the end of a sealed segment is corruption, not a torn tail.
+    # Zeros after the last batch of a sealed segment hide nothing (the next segment starts at the next
+    # record): cut off with a warning.
+    size = segs[0].stat().st_size
     with open(segs[0], "ab") as f:
         f.write(b"\0" * 10)
+    log, recs = _recover(tmp_path, segment_bytes=120)
+    log.close()
+    assert recs == expect and segs[0].stat().st_size == size
+    # A damaged batch inside a sealed segment is corruption, not a torn tail.
+    data = bytearray(segs[0].read_bytes())
+    data[joblog.SEGMENT_HEADER_SIZE + joblog.BATCH_HEADER_SIZE + 1] ^= 0x01
+    segs[0].write_bytes(bytes(data))
     with pytest.raises(LogCorruption) as info:
         _recover(tmp_path, segment_bytes=120)
     assert info.value.path.name == segs[0].name

@@ -32,6 +32,10 @@ log = logging.getLogger("zmqrun.router")
 RECENT_JOBS = 4096
 
 
+class ArchiveDamaged(Exception):
+    """A finished job's records cannot be read back (a damaged or unreadable segment); one readable line."""
+
+
 class Archive:
     """Finished jobs of one router (see the module docstring).  Not thread-safe: the router loop owns it."""
 
@@ -108,13 +112,18 @@ class Archive:
         return self.rebuild(job_id, *loc) if loc is not None else None
 
     def rebuild(self, job_id: str, submit_seq: int, end_seq: int) -> Job | None:
-        """A finished :class:`Job` from its SUBMIT and terminal records; None if either is gone."""
+        """A finished :class:`Job` from its SUBMIT and terminal records; None if either is gone (retention).
+
+        Raises :class:`ArchiveDamaged` if a record cannot be read (damaged or unreadable segment)."""
         try:
             sub = self.log.read_record(submit_seq)
             end = self.log.read_record(end_seq)
-        except LogCorruption as e:  # a lookup must not take the router down: the job reads as unknown
-            log.error("cannot read job %s back from the log: %s", job_id, e)
-            return None
+        except (LogCorruption, OSError) as e:  # a lookup must not take the router down, nor say "unknown"
+            where = f"{e.path.name} at offset {e.offset}: {e.why}" if isinstance(e, LogCorruption) else str(e)
+            msg = (f"job {job_id} is in the archive but its records cannot be read back ({where}); "
+                   f"run `zmqrun log check {self.log.dir}`")
+            log.error("%s", msg)
+            raise ArchiveDamaged(msg) from None
         if sub is None or end is None or sub[0] != SUBMIT:
             return None
         d = next((j for j in orjson.loads(sub[1])["jobs"] if j["id"] == job_id), None)
@@ -170,7 +179,10 @@ class Archive:
                 if budget <= 0:
                     return
                 budget -= 1
-                job = self.rebuild(jid, s, e)
+                try:
+                    job = self.rebuild(jid, s, e)
+                except ArchiveDamaged:
+                    continue  # logged; a listing shows what can be read
                 if job is not None:
                     yield job
 

@@ -7,7 +7,8 @@ Files in the data dir::
 
     seg-<first_seq:020d>.log   segments, rolled at ``segment_bytes`` (64 MiB),
                                named by the sequence number of their first record
-    LOCK                       flock'ed by the running router (one router per dir)
+    (the directory itself)     flock'ed by the running router: one router per dir (a lock on
+                               the directory, not on a file in it, so deleting a file cannot defeat it)
 
 Segment header (32 bytes): magic ``ZRSG``, u16 version, u8 CRC algorithm id,
 u8 flags, u64 first_seq, u64 created_ns, u32 reserved, u32 CRC of bytes 0..27.
@@ -376,6 +377,18 @@ class SegmentReader:
                 self.good_end, self.next_seq = off, seq
 
 
+def lock_data_dir(data_dir: Path, shared: bool = False) -> int:
+    """flock the data directory itself (exclusive for a router or a repair, ``shared`` for a probe) without
+    waiting; return the fd that holds the lock.  Raises :class:`LogLocked` if a router holds it."""
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LogLocked(f"data dir {data_dir} is in use by another zmqrun router") from None
+    return fd
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a create, rename or delete in it is durable."""
     RealFS().fsync_dir(path)
@@ -438,12 +451,7 @@ class JobLog:
         if self.dir.exists() and not self.dir.is_dir():
             raise DataDirError(f"data dir {self.dir} exists and is not a directory")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise LogLocked(f"data dir {self.dir} is in use by another zmqrun router") from None
+        self._lock_fd = lock_data_dir(self.dir)
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._seq = 0  # last sequence number handed out
         self._written_seq = 0  # last sequence number written
@@ -539,6 +547,19 @@ class JobLog:
                 yield rec
             self.replayed_bytes += reader.size
             problem = reader.problem
+            if problem is not None and not last and problem.offset > 0 and not problem.complete \
+                    and segments[i + 1].first_seq == reader.next_seq:
+                # Junk after the last batch of a sealed segment, but the next segment starts right after its
+                # last record: nothing is missing, so cut the junk off instead of refusing.
+                log.warning("%s: %d bytes after its last batch at offset %d (%s); the next segment starts at the "
+                            "next record, so nothing is missing: truncating them", seg.path.name,
+                            reader.size - problem.offset, problem.offset, problem.why)
+                fs.truncate(seg.path, problem.offset)
+                problem = None
+            if problem is not None and problem.offset == 0 and after_seq and expect == after_seq + 1 \
+                    and problem.why.startswith("sequence gap"):
+                raise LogCorruption(seg.path, 0, problem.why + f" (the newest snapshot is at {after_seq}: either "
+                                    "segments after it are missing or the snapshot does not belong to this log)")
             if problem is not None:
                 if not last:
                     raise LogCorruption(seg.path, problem.offset, problem.why + " (in a sealed segment)")
@@ -552,7 +573,7 @@ class JobLog:
                     segments.pop()
                     break
                 rest = fs.pread(seg.path, reader.size - problem.offset, problem.offset)
-                later, synced_to = synced_prefix_claim(rest, -1, problem.offset)
+                later, synced_to = synced_prefix_claim(rest, 0, problem.offset)  # batches *after* the bad one
                 # (a batch that passed its CRCs was written whole: a wrong sequence in it is not a torn write)
                 if problem.offset == 0 or problem.complete or (later is not None and synced_to > problem.offset):
                     raise LogCorruption(seg.path, problem.offset, problem.why + (
@@ -562,8 +583,8 @@ class JobLog:
                 if later is not None:
                     log.warning("%s: damaged batch at offset %d (%s) followed by batches written before any sync "
                                 "covered it (a crash before fdatasync, e.g. a power loss); truncating, %d bytes "
-                                "dropped, none of them acknowledged", seg.path.name, problem.offset, problem.why,
-                                dropped)
+                                "dropped, never synced (so never acknowledged with --fsync always)",
+                                seg.path.name, problem.offset, problem.why, dropped)
                 elif rest.count(0) == dropped:
                     log.warning("%s: %d zero bytes after offset %d (an unfinished write); truncating",
                                 seg.path.name, dropped, problem.offset)

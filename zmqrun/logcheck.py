@@ -13,7 +13,7 @@
   start at its sequence + 1, that every segment it covers has an index, whether a bad tail is a torn
   write it truncates (a warning) or corruption it refuses (an error).
 
-It never writes: it does not even take the data dir's ``LOCK`` (it only probes it with a non-blocking
+It never writes: it does not even take the data dir's lock (it only probes it with a non-blocking
 shared flock, released at once, to say whether a router is running).
 
 :func:`plan_repair` and :func:`repair` cut the log at its first bad batch (``zmqrun log repair
@@ -42,8 +42,10 @@ from .joblog import (
     REQUEUE,
     SEGMENT_HEADER_SIZE,
     BatchProblem,
-    synced_prefix_claim,
+    LogLocked,
+    lock_data_dir,
     read_segment,
+    synced_prefix_claim,
     segment_header,
     segment_name,
 )
@@ -202,23 +204,17 @@ class Report:
 
 
 def lock_held(data_dir: Path) -> bool:
-    """True if a process (a running router) holds the data dir's ``LOCK``.
+    """True if a process (a running router) holds the data dir's lock (an flock on the directory).
 
     Probes with a non-blocking shared flock and releases it at once, so a router starting at the same
-    moment is not disturbed; a missing ``LOCK`` is not created."""
+    moment is not disturbed."""
     try:
-        fd = os.open(data_dir / "LOCK", os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fd = lock_data_dir(data_dir, shared=True)
+    except LogLocked:
         return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    return False
 
 
 def _scan_segment(path: Path, first_seq: int) -> SegmentScan:
@@ -275,6 +271,13 @@ def _read_current(path: Path) -> tuple[int | None, str | None]:
     if d.get("snapshot") != snapshot_name(seq):
         return seq, f"names {d.get('snapshot')!r} but sequence {seq}"
     return seq, None
+
+
+def _harmless_junk(sc: SegmentScan, problem: BatchProblem, nxt: SegmentScan) -> bool:
+    """Bytes after the last good batch of a sealed segment that the next segment proves are no record
+    (it starts at the next sequence number): the router truncates them (JobLog.recover)."""
+    return problem.offset > 0 and not problem.complete and sc.header_first is not None \
+        and nxt.first_seq == sc.end_seq + 1
 
 
 def _classify_last(sc: SegmentScan, problem: BatchProblem) -> Finding:
@@ -372,6 +375,10 @@ def _check(rep: Report) -> None:
     for name in names:
         if not name.startswith("snap-") or name.endswith(".tmp"):
             continue
+        if name.endswith(".damaged"):
+            other.append(Finding(WARNING, name, None, "a snapshot the router found damaged and set aside; "
+                                 "it is not used (delete it once inspected)"))
+            continue
         try:
             seq = int(name[5:])
         except ValueError:
@@ -461,6 +468,9 @@ def _check(rep: Report) -> None:
             if problem is None:
                 expect = sc.end_seq + 1
                 continue
+            if not last and _harmless_junk(sc, problem, segs[i + 1]):
+                expect = sc.end_seq + 1
+                continue
             if not last:
                 refusal = Finding(ERROR, sc.name, problem.offset, problem.why + " (in a sealed segment); "
                                   "the router refuses to start")
@@ -478,6 +488,10 @@ def _check(rep: Report) -> None:
         if p is not None and not any(f.offset == p.offset for f in here):
             if i == len(segs) - 1:
                 here.append(_classify_last(sc, p))
+            elif _harmless_junk(sc, p, segs[i + 1]):
+                here.append(Finding(WARNING, sc.name, p.offset, f"{sc.size - p.offset} bytes after the last batch "
+                                    f"({p.why}), but the next segment starts at the next record: nothing is missing; "
+                                    "the router truncates them when it replays this segment"))
             elif sc.name in covered_set:
                 here.append(Finding(ERROR, sc.name, p.offset, p.why + f" (in a sealed segment); the router does "
                                     f"not read it on start (the snapshot at {after} covers it) and starts, but "
@@ -627,6 +641,12 @@ def plan_repair(rep: Report) -> RepairPlan:
     if plan.create is None and newest and newest == end and not any(
             sc.first_seq == end + 1 and sc.name not in removed for sc in segs):
         plan.create = end + 1  # the replay after a snapshot at the new end starts at a segment there
+    if plan.create is not None and (rep.data_dir / index_name(plan.create)).exists() \
+            and index_name(plan.create) not in removed:
+        # A stale index of a segment that is gone would be taken for the new, empty segment's.
+        plan.remove.append((index_name(plan.create), "the index of a segment that is gone; an empty segment "
+                            "is created in its place"))
+        removed.add(index_name(plan.create))
     # Errors a cut does not touch (e.g. an index file that disagrees with its segment); a prediction: the
     # check after the repair says what is left.  (Errors named on segments are the cut's business.)
     touched = removed | {plan.truncate[0] if plan.truncate else "", "CURRENT"}
@@ -638,8 +658,8 @@ def repair(data_dir: str | os.PathLike[str], apply: bool, fs: RealFS | None = No
            ) -> tuple[Report, RepairPlan, Report | None]:
     """Check ``data_dir`` and plan the cut at its first bad batch; with ``apply``, carry it out.
 
-    Returns (report before, plan, report after or None if nothing was applied).  Holds the data dir's
-    ``LOCK`` exclusively while it works and raises :class:`CheckError` if a router holds it (or the
+    Returns (report before, plan, report after or None if nothing was applied).  Holds
+    the data dir's lock exclusively while it works and raises :class:`CheckError` if a router holds it (or the
     dir cannot be read).  Every truncate, create and delete is made durable (fdatasync, directory fsync).
     """
     fs = fs or RealFS()
@@ -652,12 +672,11 @@ def repair(data_dir: str | os.PathLike[str], apply: bool, fs: RealFS | None = No
     before.close()
     if not apply or plan.empty:
         return before, plan, None
-    lock = os.open(d / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CheckError(f"data dir {d} is in use by a running router; stop it before repairing") from None
+        lock = lock_data_dir(d)
+    except LogLocked:
+        raise CheckError(f"data dir {d} is in use by a running router; stop it before repairing") from None
+    try:
         # CURRENT first, so it never names a removed snapshot; then newest files first.
         if plan.current is not None:
             if plan.current:

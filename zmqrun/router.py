@@ -38,7 +38,7 @@ import zmq
 
 from . import protocol as P
 from ._coldstart import _die_with_parent
-from .archive import Archive, job_from_state, state_of
+from .archive import Archive, ArchiveDamaged, job_from_state, state_of
 from .joblog import (CANCEL, DEFAULT_SEGMENT_BYTES, DISPATCH, FINISH, REQUEUE, SUBMIT, FsyncPolicy, JobLog,
                      LogCorruption, Segment)
 from .segindex import SegmentIndex, encode_index, index_name, write_index
@@ -192,7 +192,7 @@ class Router:
         """
         jlog = self.log
         segs = jlog.scan_segments()
-        snap = load_latest(jlog.fs, self.data_dir)
+        snap = load_latest(jlog.fs, self.data_dir, quarantine=True)
         after, states = snap if snap is not None else (0, [])
         # Covered: wholly at or before the snapshot (by where the next segment starts, or by the segment's
         # own index when the next one is missing, so that the gap check below names the right file).
@@ -632,12 +632,10 @@ class Router:
                 self._error(ident, None, "malformed message: unknown peer kind (not a zmqrun client or worker)")
         except (BadRequest, orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             self.stats["bad_request"] += 1
-            req = None
-            try:
-                req = orjson.loads(body).get("req")
-            except Exception:  # noqa: BLE001 - best effort to echo the request id
-                pass
-            self._error(ident, req, f"bad request: {e}" if not isinstance(e, BadRequest) else str(e))
+            self._error(ident, _request_id(body), f"bad request: {e}" if not isinstance(e, BadRequest) else str(e))
+        except ArchiveDamaged as e:  # the request was fine; a record it needs is damaged on disk
+            self.stats["archive_damaged"] += 1
+            self._error(ident, _request_id(body), str(e))
 
     def _error(self, ident: bytes, req: Any, text: str) -> None:
         self._send(ident, [P.H_ERROR, orjson.dumps({"req": req, "error": text})])
@@ -952,6 +950,14 @@ class Router:
                 log.warning("worker %s expired (no heartbeat for %.1f s)", w.name, w.heartbeat * self.liveness)
             elif not self._send(ident, [P.H_R_HEARTBEAT]):
                 self._lose_worker(ident, "worker unreachable")
+
+
+def _request_id(body: bytes) -> Any:
+    """The "req" of a request body, for the error reply; None if it cannot be read."""
+    try:
+        return orjson.loads(body).get("req")
+    except Exception:  # noqa: BLE001 - best effort to echo the request id
+        return None
 
 
 def run_router(bind: str, data_dir: str, fsync: str = "always", **kw: Any) -> int:

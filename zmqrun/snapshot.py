@@ -77,8 +77,10 @@ def decode_snapshot(data: bytes, name: str = "snapshot") -> tuple[int, list[dict
     if version != SNAP_VERSION:
         raise SnapshotCorrupt(f"{name}: unsupported version {version}")
     body = data[HEADER_SIZE:]
-    if len(body) != body_len or zlib.crc32(body) != body_crc:
-        raise SnapshotCorrupt(f"{name}: body is {len(body)} bytes of {body_len} or fails its CRC")
+    if len(body) != body_len:
+        raise SnapshotCorrupt(f"{name}: body is {len(body)} bytes, the header says {body_len}")
+    if zlib.crc32(body) != body_crc:
+        raise SnapshotCorrupt(f"{name}: body fails its CRC")
     d = orjson.loads(body)
     return seq, d["jobs"]
 
@@ -117,11 +119,15 @@ def read_current(fs: RealFS, data_dir: Path) -> int | None:
         return None
 
 
-def load_latest(fs: RealFS, data_dir: Path) -> tuple[int, list[dict[str, Any]]] | None:
+def load_latest(fs: RealFS, data_dir: Path, quarantine: bool = False
+                ) -> tuple[int, list[dict[str, Any]]] | None:
     """The snapshot to recover from: CURRENT's if it verifies, else the newest that does; None if none.
 
     A snapshot newer than CURRENT (CURRENT's rename lost in a crash) is complete,
     since it was renamed into place only after its fdatasync, so it is used.
+    ``quarantine`` (the router): a snapshot that fails to verify is renamed
+    ``snap-<seq>.damaged``, so it no longer counts among the two kept and a good
+    older one is not removed in its place.
     """
     current = read_current(fs, data_dir)
     seqs = list_snapshots(fs, data_dir)
@@ -132,7 +138,10 @@ def load_latest(fs: RealFS, data_dir: Path) -> tuple[int, list[dict[str, Any]]] 
         try:
             got = decode_snapshot(fs.read_bytes(data_dir / name), name)
         except (SnapshotCorrupt, orjson.JSONDecodeError, KeyError) as e:
-            log.warning("skipping a damaged snapshot: %s", e)
+            log.warning("skipping a damaged snapshot: %s%s", e, "; renamed to *.damaged" if quarantine else "")
+            if quarantine:
+                fs.rename(data_dir / name, data_dir / (name + ".damaged"))
+                fs.fsync_dir(data_dir)
             continue
         if current is not None and seq != current:
             log.warning("using %s (CURRENT names %s)", name, snapshot_name(current))
