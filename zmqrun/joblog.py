@@ -766,12 +766,15 @@ class JobLog:
         assert seg is not self.segments[-1], "the active segment is never dropped"
         if seg.index is not None:
             seg.index.close()
+        # The segment goes first and its removal is made durable before the index's: a crash in between
+        # leaves an unused index file, never a segment without its index (which recovery must refuse
+        # once older segments are gone).  One fsync for both would let the directory keep either alone.
         for path in (seg.path, self.dir / index_name(seg.first_seq)):
             try:
                 self.fs.unlink(path)
             except FileNotFoundError:
                 pass
-        self.fs.fsync_dir(self.dir)
+            self.fs.fsync_dir(self.dir)
         self.segments.remove(seg)
         self._firsts = [s.first_seq for s in self.segments]
 
