@@ -187,12 +187,18 @@ class Archive:
                     yield job
 
 
+def submitted_as(job: Job) -> dict[str, Any]:
+    """The job as its SUBMIT record holds it (the normalized job dict :func:`job_from` reads)."""
+    return {"id": job.id, "script": job.script, "args": job.args, "priority": job.priority,
+            "scheduled_for": job.scheduled_for, "timeout": job.timeout, "created_at": job.created_at}
+
+
 def state_of(job: Job) -> dict[str, Any]:
     """A live job as a snapshot entry (every field replay needs)."""
-    return {"id": job.id, "script": job.script, "args": job.args, "priority": job.priority,
-            "scheduled_for": job.scheduled_for, "timeout": job.timeout, "created_at": job.created_at,
-            "status": job.status, "attempts": job.attempts, "worker": job.worker,
-            "started_at": job.started_at, "submit_seq": job.submit_seq}
+    d = submitted_as(job)
+    d.update(status=job.status, attempts=job.attempts, worker=job.worker, started_at=job.started_at,
+             submit_seq=job.submit_seq)
+    return d
 
 
 def job_from_state(d: dict[str, Any]) -> Job:

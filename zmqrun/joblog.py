@@ -482,6 +482,11 @@ class JobLog:
         fs = self.fs
         names = sorted(n for n in fs.listdir(self.dir) if n.startswith("seg-") and n.endswith(".log"))
         present = set(fs.listdir(self.dir))
+        for orphan in sorted(n for n in present if n.startswith("seg-") and n.endswith(".idx")
+                             and n[:-4] + ".log" not in present):
+            # Retention removes a segment before its index (drop_segment): a crash in between leaves this.
+            log.warning("removing %s: its segment is gone", orphan)
+            fs.unlink(self.dir / orphan)
         segs = []
         for name in names:
             try:

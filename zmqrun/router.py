@@ -38,7 +38,7 @@ import zmq
 
 from . import protocol as P
 from ._coldstart import _die_with_parent
-from .archive import Archive, ArchiveDamaged, job_from_state, state_of
+from .archive import Archive, ArchiveDamaged, job_from_state, state_of, submitted_as
 from .joblog import (CANCEL, DEFAULT_SEGMENT_BYTES, DISPATCH, FINISH, REQUEUE, SUBMIT, FsyncPolicy, JobLog,
                      LogCorruption, Segment)
 from .segindex import SegmentIndex, encode_index, index_name, write_index
@@ -224,7 +224,10 @@ class Router:
             rec = orjson.loads(payload)
             if rtype == SUBMIT:
                 for d in rec["jobs"]:
-                    if d["id"] not in jobs and not archive.contains(d["id"]):
+                    live = jobs.get(d["id"])
+                    if live is not None:
+                        live.submit_seq = seq  # a SUBMIT logged again (see _relog_submits)
+                    elif not archive.contains(d["id"]):
                         job = job_from(d)
                         job.submit_seq = seq
                         jobs[job.id] = job
@@ -376,25 +379,28 @@ class Router:
             self._apply_retention()
 
     def _apply_retention(self) -> None:
-        """Remove whole old segments (log-format.md section 7): those past ``retain_days`` or beyond
-        ``retain_bytes``, and those no finished job needs.  Never one the older kept snapshot does not
-        cover (so falling back to it still works) nor one holding a live job's SUBMIT."""
+        """With a retention option, remove whole old segments (log-format.md section 7): those past
+        ``retain_days`` or beyond ``retain_bytes``, and those no finished job needs.  Never one the older kept snapshot does not
+        cover (so falling back to it still works).  A live job's SUBMIT does not pin its segment (a job
+        delayed for years would keep everything after it): the snapshots hold live jobs, and
+        :meth:`_finish_batch` logs the SUBMIT again when such a job finishes."""
+        if self.retain_days is None and self.retain_bytes is None:
+            return  # keep everything: then a lost index file can always be rebuilt by replaying from seq 1
         jlog = self.log
         snaps = list_snapshots(jlog.fs, self.data_dir)
         if len(snaps) < 2:
             return
         horizon = snaps[-2]
-        live_min = min((j.submit_seq for j in self.queue.jobs.values()), default=jlog.last_seq + 1)
         sealed = [seg for seg in jlog.segments[:-1] if seg.index is not None]
         total = sum(seg.size for seg in jlog.segments)
         now = time.time()
         for i, seg in enumerate(sealed):
             idx = seg.index
             assert idx is not None and seg.last_seq is not None
-            if seg.last_seq > horizon or seg.last_seq >= live_min:
+            if seg.last_seq > horizon:
                 return
             later_min = min([s.index.min_submit_seq for s in sealed[i + 1:]] +  # type: ignore[union-attr]
-                            self.archive.open_min_submit())
+                            self.archive.open_min_submit(), default=jlog.last_seq + 1)
             expired = (self.retain_days is not None and idx.sealed_at < now - self.retain_days * 86400) or \
                       (self.retain_bytes is not None and total > self.retain_bytes)
             unneeded = idx.n_entries == 0 and seg.last_seq < later_min
@@ -792,6 +798,7 @@ class Router:
             return
         now = time.time()
         rec = {"at": now, "id": job.id, "reason": reason, "attempts": job.attempts}
+        self._relog_submits([job])
         seq = self.log.append(CANCEL, orjson.dumps(rec), eager=True)
         apply_cancel(job, rec)
         self._finish_batch([(job, None)], seq)
@@ -880,8 +887,20 @@ class Router:
         if not done:
             return
         # The worker's body is logged as is (no re-encode); replay applies the same attempt check.
+        self._relog_submits([job for job, _out in done])
         self._finish_batch(done, self.log.append(FINISH, body))
         self._dirty = True
+
+    def _relog_submits(self, jobs: list[Job]) -> None:
+        """Before a terminal record: jobs whose SUBMIT record retention removed while they were live (the
+        snapshots kept them) get it logged again, so the archive can rebuild them from the log.  It goes
+        first, so no crash leaves a durable terminal record whose job's SUBMIT is gone."""
+        oldest = self.log.segments[0].first_seq
+        relog = [job for job in jobs if job.submit_seq < oldest]
+        if relog:
+            seq = self.log.append(SUBMIT, orjson.dumps({"at": time.time(), "jobs": [submitted_as(j) for j in relog]}))
+            for job in relog:
+                job.submit_seq = seq
 
     def _finish_batch(self, done: list[tuple[Job, dict[str, Any] | None]], end_seq: int) -> None:
         """Archive finished jobs and push their outcomes to watching clients.
@@ -927,6 +946,7 @@ class Router:
             self.log.append(REQUEUE, orjson.dumps({"at": now, "jobs": [[j.id, j.attempts, why] for j in again]}))
             log.warning("%s: %d running job(s) back to the queue", why, len(again))
         if final:
+            self._relog_submits(final)
             seq = self.log.append(REQUEUE, orjson.dumps(
                 {"at": now, "final": True, "jobs": [[j.id, j.attempts, why, w.name, j.started_at] for j in final]}))
             for j in final:
