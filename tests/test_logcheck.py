@@ -626,3 +626,32 @@ def test_junk_after_the_last_batch_of_a_sealed_segment_is_cut_when_the_next_segm
     assert again.router.archive.count() == len(d.finished)
     assert victim.stat().st_size == size
     again.close()
+
+
+def test_repair_removes_a_snapshot_that_does_not_match_the_log(tmp_path: Path) -> None:
+    """A snapshot copied from another data dir (no segment starts right after it) makes the router refuse;
+    repair removes it (and CURRENT follows) instead of saying there is nothing to repair."""
+    d = Driver(tmp_path / "data", segment_bytes=4096)
+    for _ in range(120):
+        d.submit(1)
+        d.tick()
+        d.work()
+        d.tick()
+    d.close()
+    data = tmp_path / "data"
+    newest = max(snapshot.list_snapshots(RealFS(), data))
+    foreign = newest + 7  # inside the log, but no segment starts after it
+    snapshot.write_snapshot(RealFS(), data, foreign, [], at=1.0)
+    r = Router("tcp://127.0.0.1:0", data, FsyncPolicy("always"), segment_bytes=4096, background_checkpoints=False)
+    r.log = JobLog(data, r.policy, 4096)
+    with pytest.raises(LogCorruption, match="does not belong to this log"):
+        r.recover()
+    r.log.close()
+    os.close(r._wake_r)
+    os.close(r._wake_w)
+    _before, plan, after = logcheck.repair(data, apply=True)
+    assert any(name == snapshot.snapshot_name(foreign) for name, _why in plan.remove)
+    assert after is not None and after.exit_code == 0
+    again = Driver(data, segment_bytes=4096)
+    assert again.router.archive.count() == len(d.finished)
+    again.close()

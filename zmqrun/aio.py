@@ -24,7 +24,7 @@ import zmq
 
 from . import protocol as P
 from .client import (Call, CancelResult, RequestRejected, ZmqrunError, cancel_request, check_map_options,
-                     client_settings, encode_request, evict_unclaimed, get_request, job_dict, list_request,
+                     client_settings, encode_request, evict_unclaimed, get_request, id_list, job_dict, list_request,
                      no_answer, noack_submit, outcome_value, peer_identity, read_router_message, rejected_outcomes,
                      reply_body, run_job_dict, status_request, submit_request, unreachable, wait_request)
 from .model import JobRecord
@@ -472,7 +472,7 @@ class AsyncClient:
 
     async def wait(self, job_ids: Iterable[str], timeout: float | None = None) -> list[Any]:
         """Wait for several jobs by id; return their results in order (raises like :meth:`AsyncJob.result`)."""
-        return await self._wait_outcomes(list(job_ids), timeout)
+        return await self._wait_outcomes(id_list(job_ids), timeout)
 
     def job(self, job_id: str) -> AsyncJob:
         """An :class:`AsyncJob` handle for an existing id (e.g. from another process); sends nothing."""

@@ -111,6 +111,13 @@ class CancelResult:
 Call = tuple[int, dict[str, Any], Callable[[dict[str, Any]], Any]]
 
 
+def id_list(job_ids: Iterable[str]) -> list[str]:
+    """``job_ids`` as a list; a lone string is refused (it would be read as one id per character)."""
+    if isinstance(job_ids, (str, bytes)):
+        raise TypeError("wait() takes a list of job ids; for one job use job(id).result() or wait([id])")
+    return list(job_ids)
+
+
 def client_settings(address: str | None, timeout: Any) -> tuple[str, float]:
     """The router address (``address``, else ``$ZMQRUN_ADDRESS``, else the default) and the checked timeout.
 
@@ -575,8 +582,10 @@ class Client:
         return self._collect(ids, False)
 
     def wait(self, job_ids: Iterable[str], timeout: float | None = None) -> list[Any]:
-        """Wait for several jobs by id; return their results in order (raises like :meth:`Job.result`)."""
-        return self._wait_results(list(job_ids), timeout)
+        """Wait for several jobs by id; return their results in order (raises like :meth:`Job.result`).
+
+        Raises TypeError if ``job_ids`` is a single string (a list of ids is expected)."""
+        return self._wait_results(id_list(job_ids), timeout)
 
     def job(self, job_id: str) -> Job:
         """A :class:`Job` handle for an existing id (e.g. from another process)."""

@@ -552,7 +552,7 @@ class JobLog:
                 yield rec
             self.replayed_bytes += reader.size
             problem = reader.problem
-            if problem is not None and not last and problem.offset > 0 and not problem.complete \
+            if problem is not None and not last and problem.offset > 0 \
                     and segments[i + 1].first_seq == reader.next_seq:
                 # Junk after the last batch of a sealed segment, but the next segment starts right after its
                 # last record: nothing is missing, so cut the junk off instead of refusing.

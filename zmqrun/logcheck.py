@@ -276,8 +276,7 @@ def _read_current(path: Path) -> tuple[int | None, str | None]:
 def _harmless_junk(sc: SegmentScan, problem: BatchProblem, nxt: SegmentScan) -> bool:
     """Bytes after the last good batch of a sealed segment that the next segment proves are no record
     (it starts at the next sequence number): the router truncates them (JobLog.recover)."""
-    return problem.offset > 0 and not problem.complete and sc.header_first is not None \
-        and nxt.first_seq == sc.end_seq + 1
+    return problem.offset > 0 and sc.header_first is not None and nxt.first_seq == sc.end_seq + 1
 
 
 def _classify_last(sc: SegmentScan, problem: BatchProblem) -> Finding:
@@ -491,7 +490,7 @@ def _check(rep: Report) -> None:
             elif _harmless_junk(sc, p, segs[i + 1]):
                 here.append(Finding(WARNING, sc.name, p.offset, f"{sc.size - p.offset} bytes after the last batch "
                                     f"({p.why}), but the next segment starts at the next record: nothing is missing; "
-                                    "the router truncates them when it replays this segment"))
+                                    "the router ignores them (and cuts them off if it ever replays this segment)"))
             elif sc.name in covered_set:
                 here.append(Finding(ERROR, sc.name, p.offset, p.why + f" (in a sealed segment); the router does "
                                     f"not read it on start (the snapshot at {after} covers it) and starts, but "
@@ -586,7 +585,10 @@ def plan_repair(rep: Report) -> RepairPlan:
     if not segs:
         plan.left = rep.errors
         return plan
-    g = next((i for i, sc in enumerate(segs) if sc.problem is not None), None)
+    # Junk after a sealed segment's last batch that the next segment proves hides nothing is not cut here
+    # (the router ignores it, or cuts just the junk when it replays that segment).
+    g = next((i for i, sc in enumerate(segs) if sc.problem is not None
+              and not (i + 1 < len(segs) and _harmless_junk(sc, sc.problem, segs[i + 1]))), None)
     keep_g_index = True
     if g is None:
         end = segs[-1].end_seq
@@ -634,6 +636,13 @@ def plan_repair(rep: Report) -> RepairPlan:
         # A snapshot at the new end would cover the cut segment, which has no index any more.
         while kept and kept[-1] == end:
             plan.remove.append((snapshot_name(kept.pop()), "it would cover the cut segment, whose index is removed"))
+    # A snapshot with no segment starting right after it (copied from another data dir, or the segments
+    # after it are gone) makes the router refuse: it goes, and recovery falls back to an older one.
+    firsts = {sc.first_seq for sc in segs if sc.name not in {n for n, _w in plan.remove}}
+    for seq in [k for k in kept if k + 1 not in firsts and k != end]:  # (at the new end: a segment is created)
+        plan.remove.append((snapshot_name(seq), f"no segment starts at {seq + 1}, right after it: it does not "
+                            "match this log"))
+        kept.remove(seq)
     removed = {n for n, _w in plan.remove}
     newest = kept[-1] if kept else 0
     if any(n.startswith("snap-") for n in removed) and rep.current is not None and rep.current != (newest, None):
