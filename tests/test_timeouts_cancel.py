@@ -117,14 +117,16 @@ def test_worker_default_timeout_on_both_paths(zr: Cluster, tmp_path: Path) -> No
     warm_killed = c.submit(f"{path}:slow", {"seconds": 30})
     cold_killed = c.submit(f"{path}:hold_gil", {"seconds": 30})  # no dedicated worker: the cold one runs it
     # A job's own timeout wins over the worker's default.
-    warm_ok = c.submit(f"{path}:slow", {"seconds": 0.8}, timeout=20)
     cold_ok = c.submit(f"{path}:hold_gil", {"seconds": 0.8}, timeout=20)
     for job in (warm_killed, cold_killed):
         with pytest.raises(JobFailed) as info:
             job.result(timeout=30)
         assert info.value.type == "Timeout" and "0.5 s" in info.value.message
-    assert isinstance(warm_ok.result(timeout=30), int)
     assert cold_ok.result(timeout=30)["held"] >= 0.8
+    # Once the warm worker is back (re-warmed), it is preferred for its script over the cold one.
+    zr.wait_worker("warm-default", timeout=10)
+    warm_ok = c.submit(f"{path}:slow", {"seconds": 0.8}, timeout=20)
+    assert isinstance(warm_ok.result(timeout=30), int)
     assert c.get(warm_ok.id).worker == "warm-default" and c.get(cold_ok.id).worker == "cold-default"
 
 
@@ -249,7 +251,7 @@ def test_timeout_with_concurrency_restarts_the_child_and_requeues_its_other_job(
     c = zr.client()
     w = zr.start_worker(slow, name="warm-pool", heartbeat=HB, concurrency=2, prefetch=0)
     killer = c.submit(slow, {"seconds": 30, "marker": str(tmp_path / "k.pid")}, timeout=1.0)
-    other = c.submit(slow, {"seconds": 1.5, "marker": str(tmp_path / "o.pid")})
+    other = c.submit(slow, {"seconds": 2.0, "marker": str(tmp_path / "o.pid")})
     child = _read_pid(tmp_path / "k.pid")
     assert _read_pid(tmp_path / "o.pid") == child  # both run in the same child, on two threads
     with pytest.raises(JobFailed) as info:

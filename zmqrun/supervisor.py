@@ -11,22 +11,26 @@ path has no extra hop.  The supervisor never runs user code; it:
   for the child.  A job that holds the GIL for minutes, or is stuck in C code,
   cannot starve them: they come from another process.
 - watches the child's job board (:mod:`zmqrun.board`, shared memory the child
-  writes at job start and end) every :data:`TICK` seconds.  When a running
-  job passes its deadline (its ``timeout``, else the worker's ``--timeout``),
-  or the router sent CANCEL for it, the supervisor SIGKILLs the child's process
-  group, reports the outcome (``W_SUP_EXITED``: failure ``Timeout``, or nothing
-  for a cancel, which the router has already recorded) and starts a fresh child
-  (re-warm: interpreter start plus the script's import).
-- notices a child that died on its own within one tick and reports it at once,
-  so the router re-queues its jobs without waiting for heartbeat expiry.
+  writes at job start and end) every :data:`TICK` seconds, and wakes exactly at
+  the deadline of a running job it has seen.  When a running job passes its
+  deadline (its ``timeout``, else the worker's ``--timeout``), or the router
+  sent CANCEL for it, the supervisor SIGKILLs the child's process group,
+  reports the outcome (``W_SUP_EXITED``: failure ``Timeout``, or nothing for a
+  cancel, which the router has already recorded) and starts a fresh child
+  (re-warm: interpreter start plus the script's import).  So a timeout fires on
+  time once the job is seen, and a job whose timeout is shorter than one tick
+  is killed at most one tick after it started.
+- notices at once a child that died on its own (Linux: a pidfd in its poll;
+  elsewhere within one tick) and reports it, so the router re-queues its jobs
+  without waiting for heartbeat expiry.
 
 The report also says which job the child had started last, so the router puts
 jobs it had sent ahead but the child never started back in the queue without
 counting an attempt.  With ``--concurrency N > 1`` a timeout or cancel restarts
 the whole child: the other jobs running in it are re-queued (attempt counted).
 
-Liveness lag (what the router sees): a child that dies is reported within
-:data:`TICK` (25 ms) plus a message; a worker whose supervisor dies (kill -9,
+Liveness lag (what the router sees): a child that dies is reported at once
+(one message); a worker whose supervisor dies (kill -9,
 machine loss) is dropped heartbeat x liveness after its last heartbeat (3 s by
 default, checked every heartbeat: at most 4 s); a child that is alive but
 busy is never declared dead, however long its job runs.
@@ -53,7 +57,7 @@ from .board import JobBoard, SlotState
 
 log = logging.getLogger("zmqrun.supervisor")
 
-TICK = 0.025  # seconds between looks at the job board and the child's exit status
+TICK = 0.1  # seconds between looks at the job board for jobs that started (their deadlines, cancels)
 CRASH_WINDOW = 2.0  # seconds: a child that dies sooner after starting counts as a crash loop
 CRASH_BACKOFF_MAX = 5.0  # seconds between restarts of a child that keeps dying
 CANCELS_KEPT = 64  # canceled job ids remembered (newest)
@@ -189,14 +193,17 @@ class Supervisor:
             msg["started"] = list(started) if started else None
         self._send([P.H_W_SUP_EXITED, orjson.dumps(msg)])
 
-    def _check_jobs(self) -> None:
-        """Kill the child if a running job passed its deadline or was canceled; report; re-warm."""
+    def _check_jobs(self) -> float | None:
+        """Kill the child if a running job passed its deadline or was canceled; report; re-warm.
+
+        Returns the earliest deadline (time.monotonic seconds) of the jobs still running, or None.
+        """
         now = time.monotonic()
         running = self._running()
         timed_out = [st for st in running if st.deadline and now >= st.deadline]
         canceled = [st for st in running if self._canceled.get(st.job_id, (None,))[0] == st.attempt]
         if not timed_out and not canceled:
-            return
+            return min((st.deadline for st in running if st.deadline), default=None)
         pid = self.child.pid  # type: ignore[union-attr]
         code = self._kill_child()
         # The child is dead: the board is final.  Report only jobs still running at the kill.
@@ -216,6 +223,7 @@ class Supervisor:
         self._report_exit(reason, results)
         if not self._stopping:
             self._spawn()
+        return None
 
     def _child_exited(self, code: int) -> bool:
         """The child ended by itself.  Returns True if the supervisor should exit too."""
@@ -288,7 +296,7 @@ class Supervisor:
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while not self._stopping and (left := end - time.monotonic()) > 0:
-            time.sleep(min(left, TICK))
+            time.sleep(min(left, 0.05))
 
     def run(self) -> int:
         """Serve until stopped (SIGTERM/SIGINT via :meth:`stop`); return the exit code."""
@@ -304,7 +312,7 @@ class Supervisor:
                     if self._child_exited(code):
                         return self._exit_code
                     continue
-                time.sleep(TICK / 5)
+                time.sleep(0.005)
             self._served = True
             self._open()
             return self._loop()
@@ -324,24 +332,45 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        while True:
-            if self._stopping:
-                self._forward_stop()
-            code = self.child.poll()  # type: ignore[union-attr]
-            if code is not None and self._child_exited(code):
-                return self._exit_code
-            events = dict(poller.poll(int(TICK * 1000)))
-            if self._wake_r in events:
-                try:
-                    os.read(self._wake_r, 512)
-                except BlockingIOError:
-                    pass
-            for frames in P.recv_ready(sock, 1000):
-                self._on_message(frames)
-            if self.child.poll() is None:  # type: ignore[union-attr]
-                self._check_jobs()
-            if time.monotonic() - self._last_beat >= self.heartbeat:
-                self._send([P.H_W_SUP_HEARTBEAT])
+        pidfd, watched = -1, None
+        deadline: float | None = None
+        try:
+            while True:
+                if self._stopping:
+                    self._forward_stop()
+                code = self.child.poll()  # type: ignore[union-attr]
+                if code is not None and self._child_exited(code):
+                    return self._exit_code
+                if watched is not self.child:  # a new child: wake the moment it exits
+                    if pidfd >= 0:
+                        poller.unregister(pidfd)
+                        os.close(pidfd)
+                        pidfd = -1
+                    watched = self.child
+                    if hasattr(os, "pidfd_open"):
+                        try:
+                            pidfd = os.pidfd_open(watched.pid)  # type: ignore[union-attr]
+                            poller.register(pidfd, zmq.POLLIN)
+                        except OSError:  # kernel without pidfds: found within one tick instead
+                            pidfd = -1
+                now = time.monotonic()
+                wake = min(now + TICK, self._last_beat + self.heartbeat)
+                if deadline is not None:
+                    wake = min(wake, deadline)
+                events = dict(poller.poll(max(0, int((wake - now) * 1000) + 1)))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                for frames in P.recv_ready(sock, 1000):
+                    self._on_message(frames)
+                deadline = self._check_jobs() if self.child.poll() is None else None  # type: ignore[union-attr]
+                if time.monotonic() - self._last_beat >= self.heartbeat:
+                    self._send([P.H_W_SUP_HEARTBEAT])
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
 
 def run_supervised(connect: str, script: str, **kw: Any) -> int:
