@@ -338,3 +338,30 @@ def test_router_cancels_a_running_job_and_keeps_its_credit_until_the_worker_lets
     assert r.queue.workers[WORKER].in_flight == {}
     assert r.archive.get(ids[0]).status == "canceled"
     d.close()
+
+
+@pytest.mark.parametrize("started, in_order, uncounted", [
+    (1, False, {2, 3}),      # a pool child: the jobs after the one it started last never started
+    (None, False, {0, 1, 2, 3}),  # it started none
+    ("gone", False, set()),  # it started one that already reported: a pool cannot tell, all count
+    ("gone", True, {0, 1, 2, 3}),  # one job at a time: every job left came after it
+    ("unknown", True, set()),  # no "started" (the board was being written): all count
+])
+def test_router_tells_unstarted_jobs_from_started_ones(tmp_path: Path, started: object, in_order: bool,
+                                                       uncounted: set[int]) -> None:
+    from routerdriver import WORKER
+
+    d = _supervised_driver(tmp_path / "data")
+    r = d.router
+    ids = d.submit(4)
+    d.tick()
+    msg: dict[str, object] = {"worker": WORKER.decode(), "reason": "child died", "results": [], "in_order": in_order}
+    if started == "gone":
+        msg["started"] = ["an-id-that-reported-already", 1]
+    elif started != "unknown":
+        msg["started"] = None if started is None else [ids[started], 1]  # type: ignore[index]
+    r._handle([b"sup-1", P.header(P.WORKER, P.W_SUP_EXITED), orjson.dumps(msg)])
+    assert {i: r.queue.jobs[jid].attempts for i, jid in enumerate(ids)} == \
+        {i: 0 if i in uncounted else 1 for i in range(4)}
+    assert all(r.queue.jobs[jid].status == "queued" for jid in ids)
+    d.close()

@@ -48,7 +48,8 @@ W_DISCONNECT: Final = 0x16
 # never registered itself: the worker's READY names it)
 W_SUP_HEARTBEAT: Final = 0x17  # empty: the worker it supervises is alive (even if busy in a long job)
 W_SUP_EXITED: Final = 0x18  # {"worker": routing id of the ended child, "reason", "results": [result, ...],
-#                              "started": [id, attempt]|null (absent: unknown), "in_order": bool}
+#                              "started": [id, attempt] it started last | null: none (absent: unknown),
+#                              "in_order": true if its results came back in start order (one job at a time)}
 
 # router -> peer
 R_ACK: Final = 0x21  # {"req", "accepted": [id...], "rejected": [{"id", "error"}]}

@@ -941,13 +941,15 @@ class Router:
             self.stats["stale_exits"] += 1  # already dropped (expired, or reported twice)
             return
         # Which jobs never started: the child starts jobs in dispatch order, so every job sent after
-        # the one it started last.  If that one already reported (or none started), all that are left.
+        # the one it started last; all of them if it started none.  If that one already reported,
+        # all that are left, provided results come back in start order ("in_order": one job at a
+        # time); otherwise (a pool) it cannot tell, and counts them all.
         unstarted: list[str] = []
-        if "started" in msg and msg.get("in_order") is True:
+        if "started" in msg:
             order, started = list(w.in_flight), msg["started"]
             if isinstance(started, list) and len(started) == 2 and w.in_flight.get(started[0]) == started[1]:
                 unstarted = order[order.index(started[0]) + 1:]
-            else:
+            elif started is None or msg.get("in_order") is True:
                 unstarted = order
         results = msg.get("results")
         if isinstance(results, list) and results:
