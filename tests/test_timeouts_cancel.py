@@ -365,3 +365,22 @@ def test_router_tells_unstarted_jobs_from_started_ones(tmp_path: Path, started: 
         {i: 0 if i in uncounted else 1 for i in range(4)}
     assert all(r.queue.jobs[jid].status == "queued" for jid in ids)
     d.close()
+
+
+def test_second_sigterm_kills_the_running_job_and_hands_it_back(zr: Cluster, tmp_path: Path) -> None:
+    slow = f"{_jobs(tmp_path)}:slow"
+    zr.start_router(heartbeat=HB)
+    c = zr.client()
+    w = zr.start_worker(slow, name="warm-stop", heartbeat=HB)
+    marker = tmp_path / "stop.pid"
+    job = c.submit(slow, {"seconds": 30, "marker": str(marker)})
+    child = _read_pid(marker)
+    w.popen.terminate()
+    time.sleep(0.3)
+    assert w.alive() and not _gone(child)  # first signal: it finishes the running job
+    w.popen.terminate()
+    assert w.popen.wait(10) == 0
+    assert _gone(child)
+    wait_until(lambda: c.get(job.id).status == "queued", timeout=5, what="the job back in the queue")
+    assert f"worker process {child} stopped (killed by SIGKILL)" in zr.router_proc.output()
+    assert c.cancel(job.id).canceled

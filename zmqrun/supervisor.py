@@ -99,7 +99,9 @@ class Supervisor:
         self.timeout = timeout
         self.log_level = log_level
         self.name = (name or f"w-{_socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")[:200]
-        self.identity = f"{self.name}/supervisor".encode()
+        # Routing ids are 1-255 bytes: derive them from at most 200 bytes of the name (whole characters).
+        self._id_base = self.name.encode()[:200].decode("utf-8", "ignore") or "w"
+        self.identity = f"{self._id_base}/supervisor".encode()
         self.board = JobBoard.create(concurrency)
         self.child: subprocess.Popen[bytes] | None = None
         self.child_identity = ""
@@ -143,7 +145,7 @@ class Supervisor:
 
     def _spawn(self) -> None:
         self.generation += 1
-        self.child_identity = self.name if self.generation == 1 else f"{self.name}#{self.generation}"
+        self.child_identity = self._id_base if self.generation == 1 else f"{self._id_base}#{self.generation}"
         self.board.reset()
         if self._canceled:
             self.board.set_canceled(list(self._canceled))
@@ -229,6 +231,8 @@ class Supervisor:
         """The child ended by itself.  Returns True if the supervisor should exit too."""
         pid = self.child.pid  # type: ignore[union-attr]
         if self._stopping:
+            if code != 0 and self.sock is not None:  # killed by a second signal: say so, jobs go back now
+                self._report_exit(f"worker process {pid} stopped ({_describe_exit(code)})", [])
             return True
         if not self.board.is_serving():
             # It never got as far as importing the script: the error is on stderr already.
