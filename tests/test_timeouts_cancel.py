@@ -3,7 +3,8 @@
 A dedicated worker is a supervisor process plus a warm child that runs the jobs
 (zmqrun.supervisor): the supervisor kills and re-warms the child for a timeout
 or a cancel, and its heartbeats keep the worker registered while a job holds
-the GIL.  Normal (cold) workers kill the job's process.  Runs in about 30 s.
+the GIL.  Normal (cold) workers kill the job's process.  The test_router_* tests
+drive the router in-process (no sockets, no timing).  Runs in about 25 s.
 """
 
 from __future__ import annotations
@@ -384,3 +385,20 @@ def test_second_sigterm_kills_the_running_job_and_hands_it_back(zr: Cluster, tmp
     wait_until(lambda: c.get(job.id).status == "queued", timeout=5, what="the job back in the queue")
     assert f"worker process {child} stopped (killed by SIGKILL)" in zr.router_proc.output()
     assert c.cancel(job.id).canceled
+
+
+def test_job_that_kills_its_warm_process_each_time_ends_worker_lost(zr: Cluster, tmp_path: Path) -> None:
+    """Each crash of the child is reported at once and the job re-queued (attempt counted), until
+    --max-attempts (3); the supervisor starts a new child each time and the worker keeps serving."""
+    p = write_script(tmp_path, "poison.py", "import os\n\ndef main(die=True):\n    if die:\n"
+                                            "        os._exit(9)\n    return os.getpid()\n")
+    zr.start_router(heartbeat=HB)
+    c = zr.client()
+    w = zr.start_worker(f"{p}:main", name="poisoned", heartbeat=HB)
+    job = c.submit(f"{p}:main", {"die": True})
+    with pytest.raises(JobFailed) as info:
+        job.result(timeout=30)
+    assert info.value.type == "WorkerLost" and "died (exit code 9)" in info.value.message
+    assert c.get(job.id).attempts == 3
+    assert "missed heartbeats" not in zr.router_proc.output()
+    assert c.submit(f"{p}:main", {"die": False}).result(timeout=20) in w.family()
