@@ -16,10 +16,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from conftest import Cluster, family_pids, wait_until, write_script
 from zmqrun import JobFailed
 from zmqrun import protocol as P
-
-from conftest import Cluster, family_pids, wait_until, write_script
 
 JOBS = """\
 import ctypes
@@ -267,7 +266,7 @@ def test_timeout_with_concurrency_restarts_the_child_and_requeues_its_other_job(
 # -- the router's side of supervision, driven in-process (no sockets, no timing) --------------------
 
 
-def _supervised_driver(data_dir: Path):  # noqa: ANN202 - routerdriver.Driver
+def _supervised_driver(data_dir: Path):
     from routerdriver import WORKER, Driver
 
     d = Driver(data_dir, credit=4)

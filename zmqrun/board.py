@@ -36,6 +36,7 @@ import struct
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import orjson
 
@@ -85,7 +86,7 @@ class JobBoard:
         self._cancel_seq = 0  # supervisor side
 
     @classmethod
-    def create(cls, slots: int) -> "JobBoard":
+    def create(cls, slots: int) -> JobBoard:
         """A new zeroed board in an anonymous file; its descriptor is inheritable by a child.
 
         Raises OSError if no anonymous file can be made.
@@ -102,7 +103,7 @@ class JobBoard:
         return board
 
     @classmethod
-    def attach(cls, fd: int, slots: int) -> "JobBoard":
+    def attach(cls, fd: int, slots: int) -> JobBoard:
         """Map a board made by :meth:`create` in another process; ValueError if it is not one."""
         board = cls(fd, slots)
         if _U32.unpack_from(board.mem, 0)[0] != MAGIC:
@@ -191,7 +192,7 @@ class JobBoard:
         """The slot's sequence number: 0 never written, odd while a write is in progress."""
         return _U32.unpack_from(self.mem, SLOTS_AT + slot * SLOT_SIZE)[0]
 
-    def last_handed(self) -> tuple[str, int] | None | bool:
+    def last_handed(self) -> tuple[str, int] | Literal[False] | None:
         """(job id, attempt) last given to a pool's threads; None if none; False if unknown (torn or too long)."""
         mem = self.mem
         seq = _U32.unpack_from(mem, 16)[0]

@@ -47,7 +47,7 @@ import socket as _socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import zmq
@@ -177,7 +177,7 @@ class Supervisor:
                 out.append(st)
         return out
 
-    def _started_last(self) -> tuple[str, int] | None | bool:
+    def _started_last(self) -> tuple[str, int] | Literal[False] | None:
         """The job the (dead) child started last: (id, attempt), None if none, False if unknown."""
         if self.concurrency == 1:
             if self.board.slot_written(0) == 0:
