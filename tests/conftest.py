@@ -52,6 +52,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float = READY_TIMEOUT, int
         time.sleep(interval)
 
 
+def family_pids(pid: int) -> set[int]:
+    """``pid`` and the PIDs of its live descendants, read from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    family, grew = {pid}, True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in family and child not in family:
+                family.add(child)
+                grew = True
+    return family
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for zmqrun subprocesses: ours without ZMQRUN_ADDRESS (and without
     PYTHONUNBUFFERED, which cold job processes would inherit and which would hide buffering bugs)."""
@@ -86,6 +105,11 @@ class Proc:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def family(self) -> set[int]:
+        """This process's PID and those of its live descendants (a dedicated worker runs its jobs in a
+        child process; Linux /proc)."""
+        return family_pids(self.pid)
 
     def kill9(self) -> None:
         """SIGKILL by PID and reap."""
@@ -160,8 +184,11 @@ class Cluster:
 
     def start_worker(self, script: str | None = None, *, name: str | None = None, concurrency: int = 1,
                      prefetch: int | None = None, heartbeat: float | None = HEARTBEAT, cwd: Path | None = None,
-                     wait: bool = True) -> Proc:
-        """Start a worker (dedicated to ``script``, or normal if None) and wait until the router lists it."""
+                     wait: bool = True, extra: tuple[str, ...] = ()) -> Proc:
+        """Start a worker (dedicated to ``script``, or normal if None) and wait until the router lists it.
+
+        ``extra``: more ``zmqrun worker`` arguments (e.g. ``("--timeout", "1")``).
+        """
         assert self.address, "start the router first"
         name = name or f"{'warm' if script else 'cold'}-{self._n + 1}"
         args = ["worker", "--connect", self.address, "--name", name, "--concurrency", str(concurrency)]
@@ -171,6 +198,7 @@ class Cluster:
             args += ["--prefetch", str(prefetch)]
         if heartbeat is not None:
             args += ["--heartbeat", str(heartbeat)]
+        args += list(extra)
         p = self.spawn(f"worker-{name}", args, cwd)
         p.worker_name = name  # type: ignore[attr-defined]
         if wait:

@@ -491,9 +491,9 @@ class AsyncClient:
         return await self._call(list_request(status, script, limit))
 
     async def cancel(self, job_id: str, reason: str | None = None) -> CancelResult:
-        """Cancel a queued or scheduled job.
+        """Cancel a queued, scheduled or running job (see :meth:`zmqrun.Client.cancel`).
 
-        A running or finished job is not changed (``canceled`` False, with why).
+        A finished job is not changed (``canceled`` False, with why).
         """
         return await self._call(cancel_request(job_id, reason))
 

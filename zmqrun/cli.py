@@ -111,17 +111,31 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
 @click.option("--heartbeat", default=P.HEARTBEAT_INTERVAL, show_default=True, type=click.FloatRange(0.01, 60),
               help="seconds between heartbeats")
 @click.option("--name", default=None, help="worker name shown in job records and status")
+@click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True),
+              help="seconds a job without its own timeout may run before it is killed [default: no limit]")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,
-           name: str | None, log_level: str) -> None:
-    """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job)."""
+           name: str | None, timeout: float | None, log_level: str) -> None:
+    """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job).
+
+    A dedicated worker is two processes: a supervisor (this one: heartbeats, timeouts, cancels) and a
+    warm child that imports SCRIPT once and runs the jobs; a timed-out or canceled job kills the child
+    and a new one starts.
+    """
     from .scripts import ScriptError
-    from .worker import run_worker
 
     _setup_logging(log_level)
     try:
-        code = run_worker(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
-                          name=name)
+        if script is not None:
+            from .supervisor import run_supervised
+
+            code = run_supervised(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
+                                  name=name, timeout=timeout, log_level=log_level)
+        else:
+            from .worker import run_worker
+
+            code = run_worker(connect, None, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
+                              name=name, timeout=timeout)
     except (ScriptError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
@@ -250,15 +264,16 @@ def jobs_logs(job_id: str, address: str, client_timeout: float) -> None:
 
 @jobs.command("cancel")
 @click.argument("job_id")
+@click.option("--reason", default=None, help="why (recorded in the job's error with who canceled it)")
 @address_option
 @timeout_option
-def jobs_cancel(job_id: str, address: str, client_timeout: float) -> None:
-    """Cancel a queued or scheduled job."""
+def jobs_cancel(job_id: str, reason: str | None, address: str, client_timeout: float) -> None:
+    """Cancel a queued, scheduled or running job (a running one is killed)."""
     with _client(address, client_timeout) as c:
-        res = c.cancel(job_id)
+        res = c.cancel(job_id, reason)
     if not res.canceled:
         raise ValueError(f"not canceled: {res.message}")
-    click.echo(f"canceled {job_id}")
+    click.echo(f"canceled {job_id}" + (f" ({res.message})" if res.message != "canceled" else ""))
 
 
 @main.command()

@@ -328,9 +328,20 @@ def list_request(status: str | None, script: str | None, limit: int) -> Call:
             lambda body: [JobRecord.from_wire(d) for d in body["jobs"]])
 
 
+def canceler() -> str:
+    """Who cancels, as recorded in the job's error: ``user@host (pid N)``."""
+    try:
+        import getpass
+
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment
+        user = "?"
+    return f"{user}@{_socket.gethostname()} (pid {os.getpid()})"
+
+
 def cancel_request(job_id: str, reason: str | None) -> Call:
-    """CANCEL of one job; parses to a CancelResult."""
-    return (P.C_CANCEL, {"id": job_id, "reason": reason},
+    """CANCEL of one job (the router records who, see :func:`canceler`, and why); parses to a CancelResult."""
+    return (P.C_CANCEL, {"id": job_id, "reason": reason, "by": canceler()},
             lambda body: CancelResult(bool(body.get("canceled")), body.get("status"), str(body.get("message", ""))))
 
 
@@ -603,7 +614,12 @@ class Client:
         return self._call(list_request(status, script, limit))
 
     def cancel(self, job_id: str, reason: str | None = None) -> CancelResult:
-        """Cancel a queued or scheduled job.  A running or finished job is not changed (``canceled`` False, with why)."""
+        """Cancel a queued, scheduled or running job; ``reason`` (text) and who canceled end up in its error.
+
+        A running job is stopped: a cold job's process is killed; a warm job's worker
+        process is killed and started again (see the README, Workers).  A finished job
+        is not changed (``canceled`` False, with why).
+        """
         return self._call(cancel_request(job_id, reason))
 
     def status(self) -> dict[str, Any]:

@@ -12,6 +12,12 @@ byte.  ``body`` is an orjson-encoded object (may be empty for HEARTBEAT and
 DISCONNECT).  Jobs always travel in batches (a list of one or more), so one
 message can carry one job at low latency or a thousand under load; frames per
 message dominate pyzmq's CPU cost, so the header stays one small frame.
+
+A dedicated worker's supervisor (:mod:`zmqrun.supervisor`) is a third kind of
+peer that speaks with the worker tag: its own DEALER and routing id, never
+registered itself.  The worker's READY names it; its SUP_HEARTBEATs keep that
+worker alive, SUP_EXITED reports the worker's process ended (with outcomes of
+the jobs it killed), and the router sends it CANCEL for that worker's jobs.
 """
 
 from __future__ import annotations
@@ -29,14 +35,21 @@ C_SUBMIT: Final = 0x01  # {"req", "jobs": [job, ...]}                -> ACK afte
 C_WAIT: Final = 0x02  # {"req", "ids": [...]}                         -> REPLY, then RESULT pushes
 C_GET: Final = 0x03  # {"req", "id"}                                  -> REPLY {"job": record|null}
 C_LIST: Final = 0x04  # {"req", "status", "script", "limit"}          -> REPLY {"jobs": [...]}
-C_CANCEL: Final = 0x05  # {"req", "id", "reason"}                     -> REPLY {"canceled", "status", "message"}
+C_CANCEL: Final = 0x05  # {"req", "id", "reason", "by"}               -> REPLY {"canceled", "status", "message"}
 C_STATUS: Final = 0x06  # {"req"}                                     -> REPLY {"workers", "counts"}
 
 # worker -> router
-W_READY: Final = 0x11  # {"script": str|None, "credit": int, "heartbeat": s, "name": str, "pid": int}
+W_READY: Final = 0x11  # {"script": str|None, "credit": int, "heartbeat": s, "name": str, "pid": int,
+#                          "supervisor": routing id of its supervisor (str) or null}
 W_RESULT: Final = 0x14  # {"results": [result, ...]}  (MDP FINAL; each result returns one credit)
 W_HEARTBEAT: Final = 0x15
 W_DISCONNECT: Final = 0x16
+# supervisor -> router (a dedicated worker's supervisor process; its own DEALER, its own routing id,
+# never registered itself: the worker's READY names it)
+W_SUP_HEARTBEAT: Final = 0x17  # empty: the worker it supervises is alive (even if busy in a long job)
+W_SUP_EXITED: Final = 0x18  # {"worker": routing id of the ended child, "reason", "results": [result, ...],
+#                              "started": [id, attempt] it started last | null: none (absent: unknown),
+#                              "in_order": true if its results came back in start order (one job at a time)}
 
 # router -> peer
 R_ACK: Final = 0x21  # {"req", "accepted": [id...], "rejected": [{"id", "error"}]}
@@ -45,6 +58,7 @@ R_REPLY: Final = 0x23  # {"req", ...}
 R_JOBS: Final = 0x24  # {"jobs": [{"id", "attempt", "script", "args", "timeout"}]}
 R_HEARTBEAT: Final = 0x25
 R_DISCONNECT: Final = 0x26  # {"reason"}: the worker must reconnect and send READY again
+R_CANCEL: Final = 0x27  # {"id", "attempt", "reason"}: stop this running job (to the supervisor if it has one)
 R_ERROR: Final = 0x2F  # {"req"?, "error": "one readable line"}
 
 # Paranoid Pirate defaults (ZeroMQ Guide ch. 4, 6/PPP).
@@ -74,6 +88,9 @@ H_W_READY: Final = header(WORKER, W_READY)
 H_W_RESULT: Final = header(WORKER, W_RESULT)
 H_W_HEARTBEAT: Final = header(WORKER, W_HEARTBEAT)
 H_W_DISCONNECT: Final = header(WORKER, W_DISCONNECT)
+H_W_SUP_HEARTBEAT: Final = header(WORKER, W_SUP_HEARTBEAT)
+H_W_SUP_EXITED: Final = header(WORKER, W_SUP_EXITED)
+H_R_CANCEL: Final = header(ROUTER, R_CANCEL)
 
 
 # Plain ints, not pyzmq's enum flags: enum arithmetic costs microseconds per frame on the hot path.

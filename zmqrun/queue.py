@@ -94,10 +94,17 @@ def apply_result(job: Job, r: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply_cancel(job: Job, rec: dict[str, Any]) -> None:
-    """Mark ``job`` canceled by a CANCEL record ``rec`` ({"at", "reason"})."""
+    """Mark ``job`` canceled by a CANCEL record ``rec`` ({"at", "reason", "by"?, "running_on"?}).
+
+    The error message says who canceled it and why, and whether it was interrupted while running.
+    """
     job.status = CANCELED
     job.finished_at = rec["at"]
-    job.error = {"type": "Canceled", "message": rec.get("reason") or "canceled", "traceback": ""}
+    reason, by, where = rec.get("reason") or "canceled", rec.get("by"), rec.get("running_on")
+    message = f"canceled by {by}: {reason}" if by else reason
+    if where:
+        message += f" (interrupted while running on {where})"
+    job.error = {"type": "Canceled", "message": message, "traceback": ""}
 
 
 def apply_lost(job: Job, reason: str, at: float) -> None:
@@ -118,8 +125,9 @@ class WorkerSlot:
     credit: int  # total slots announced in READY
     heartbeat: float  # seconds between heartbeats it promised
     expires_at: float  # monotonic deadline: last message + heartbeat x liveness
-    in_flight: dict[str, int] = field(default_factory=dict)  # job id -> attempt
+    in_flight: dict[str, int] = field(default_factory=dict)  # job id -> attempt, in dispatch order
     last_dispatch: int = 0  # LRU tie-break counter
+    supervisor: bytes | None = None  # routing id of its supervisor process (dedicated workers), if any
 
     @property
     def free(self) -> int:

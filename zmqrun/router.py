@@ -176,6 +176,7 @@ class Router:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._gated: collections.deque[tuple[int, bytes, list[bytes]]] = collections.deque()
+        self._supervised: dict[bytes, bytes] = {}  # supervisor routing id -> its worker's (see zmqrun.supervisor)
         self._running = False
         self._dirty = False
         self.ctx: zmq.Context | None = None
@@ -256,6 +257,8 @@ class Router:
                             self._archive_replayed(jobs.pop(job.id), seq)
                         else:
                             job.status, job.worker = QUEUED, None
+                            if rec.get("unstarted"):
+                                job.attempts = attempt - 1  # never started: the dispatch did not count
         now = time.time()
         live = sorted(jobs.values(), key=lambda j: j.submit_seq)
         jobs.clear()
@@ -666,7 +669,7 @@ class Router:
         elif cmd == P.C_LIST:
             self._list(ident, req, msg)
         elif cmd == P.C_CANCEL:
-            self._cancel(ident, req, msg.get("id"), msg.get("reason") or "canceled by client")
+            self._cancel(ident, req, msg.get("id"), msg.get("reason"), msg.get("by"))
         elif cmd == P.C_STATUS:
             self._reply(ident, req, self.status())
         else:
@@ -782,7 +785,11 @@ class Router:
             out.append(d)
         self._reply(ident, req, {"jobs": out})
 
-    def _cancel(self, ident: bytes, req: Any, jid: Any, reason: str) -> None:
+    def _cancel(self, ident: bytes, req: Any, jid: Any, reason: Any, by: Any = None) -> None:
+        """Cancel a queued, scheduled or running job; the record names who (``by``, else the client's
+        routing id) and why.  A running job is finished here at once (CANCEL is its terminal record)
+        and its worker is told to stop it (CANCEL to its supervisor, or to a cold worker, which kills
+        the job's process); it keeps the job's credit until the worker reports the job gone."""
         job = self._find(jid)
         if job is None:
             self._reply(ident, req, {"canceled": False, "status": None, "message": f"no job {jid}"})
@@ -791,19 +798,25 @@ class Router:
             self._reply(ident, req, {"canceled": False, "status": job.status,
                                      "message": f"job already finished ({job.status})"})
             return
-        if job.status == RUNNING:
-            self._reply(ident, req, {"canceled": False, "status": job.status,
-                                     "message": "job is already running on "
-                                                f"{job.worker}; interrupting running jobs is not supported yet"})
-            return
+        reason = reason[:1000] if isinstance(reason, str) and reason else "no reason given"
+        by = by[:200] if isinstance(by, str) and by else "client " + ident.decode("utf-8", "replace")
         now = time.time()
-        rec = {"at": now, "id": job.id, "reason": reason, "attempts": job.attempts}
+        rec = {"at": now, "id": job.id, "reason": reason, "by": by, "attempts": job.attempts}
+        holder = None
+        if job.status == RUNNING:
+            holder = next((w for w in self.queue.workers.values() if w.in_flight.get(job.id) == job.attempts), None)
+            rec["running_on"] = job.worker
         self._relog_submits([job])
         seq = self.log.append(CANCEL, orjson.dumps(rec), eager=True)
         apply_cancel(job, rec)
         self._finish_batch([(job, None)], seq)
+        message = "canceled"
+        if holder is not None:
+            stop = orjson.dumps({"id": job.id, "attempt": job.attempts, "reason": f"canceled by {by}: {reason}"})
+            self._send(holder.supervisor or holder.identity, [P.H_R_CANCEL, stop])
+            message = f"canceled; its worker {holder.name} is stopping it"
         self._send_gated(seq, ident, [P.H_REPLY, orjson.dumps({"req": req, "canceled": True, "status": CANCELED,
-                                                               "message": "canceled"})])
+                                                               "message": message})])
 
     def status(self) -> dict[str, Any]:
         """Workers (name, script, credit, in_flight) and job counts, for ``zmqrun status``."""
@@ -833,8 +846,10 @@ class Router:
             self._ready(ident, orjson.loads(body))
             return
         if w is None:
+            if cmd == P.W_SUP_HEARTBEAT or cmd == P.W_SUP_EXITED:
+                self._supervisor_msg(ident, cmd, body)
             # MDP: an unknown worker (e.g. the router restarted) is told to reconnect and send READY.
-            if cmd != P.W_DISCONNECT:
+            elif cmd != P.W_DISCONNECT:
                 self._send(ident, [P.H_R_DISCONNECT, b'{"reason":"not registered; send READY"}'])
             return
         w.expires_at = time.monotonic() + w.heartbeat * self.liveness
@@ -858,11 +873,20 @@ class Router:
             raise BadRequest("READY credit must be an integer from 1 to 100000")
         if not isinstance(beat, (int, float)) or not 0.01 <= beat <= 60:
             raise BadRequest("READY heartbeat must be 0.01 to 60 seconds")
+        sup = msg.get("supervisor")
+        if sup is not None and (not isinstance(sup, str) or not 0 < len(sup.encode()) <= 255
+                                or sup.encode() == ident):
+            raise BadRequest("READY supervisor must be the supervisor's routing id (1-255 bytes) or null")
         if ident in self.queue.workers:
             self._lose_worker(ident, "worker re-registered")
         name = str(msg.get("name") or ident.decode("utf-8", "replace"))[:200]
-        self.queue.add_worker(WorkerSlot(ident, name, script, credit, float(beat),
-                                         time.monotonic() + beat * self.liveness))
+        slot = WorkerSlot(ident, name, script, credit, float(beat), time.monotonic() + beat * self.liveness)
+        if sup is not None:
+            # Its supervisor's heartbeats now keep this worker alive (a previous child of the same
+            # supervisor, if still listed, is no longer refreshed and expires by itself).
+            slot.supervisor = sup.encode()
+            self._supervised[slot.supervisor] = ident
+        self.queue.add_worker(slot)
         log.info("worker %s ready: %s, credit %d", name, script or "any script (cold path)", credit)
         self._dirty = True
 
@@ -880,6 +904,11 @@ class Router:
             attempt = in_flight.get(jid) if type(jid) is str else None
             job = jobs.get(jid) if attempt is not None else None
             if job is None or r.get("attempt") != attempt or job.attempts != attempt or job.status != RUNNING:
+                if job is None and attempt is not None and r.get("attempt") == attempt:
+                    # Finished here meanwhile (canceled while running): the worker is done with it,
+                    # so its credit comes back.
+                    del in_flight[jid]
+                    self._dirty = True
                 self.stats["stale_results"] += 1  # a late result of an older attempt: drop it
                 continue
             del in_flight[jid]
@@ -931,12 +960,66 @@ class Router:
         for c, (gate, outs) in by_client.items():
             self._send_gated(gate, c, [P.H_RESULT, orjson.dumps({"results": outs})])
 
-    def _lose_worker(self, ident: bytes, reason: str) -> None:
+    def _supervisor_msg(self, ident: bytes, cmd: int, body: bytes) -> None:
+        """A dedicated worker's supervisor (never registered itself; its worker's READY names it).
+
+        HEARTBEAT keeps that worker alive while a job keeps it silent.  EXITED: the worker's
+        process ended (killed for a timeout or cancel, or died); the outcomes it reports are
+        recorded, then its other jobs go back to the queue, those it never started without
+        counting an attempt.  From an unknown supervisor (e.g. this router just restarted and
+        the worker has not registered again yet) both are ignored.
+        """
+        worker = self._supervised.get(ident)
+        if cmd == P.W_SUP_HEARTBEAT:
+            w = self.queue.workers.get(worker) if worker is not None else None
+            if w is not None:
+                w.expires_at = time.monotonic() + w.heartbeat * self.liveness
+            return
+        msg = orjson.loads(body)
+        if not isinstance(msg, dict) or not isinstance(msg.get("worker"), str):
+            raise BadRequest("EXITED body must be {\"worker\": routing id, ...}")
+        child = msg["worker"].encode()
+        w = self.queue.workers.get(child)
+        if w is None or w.supervisor != ident:
+            self.stats["stale_exits"] += 1  # already dropped (expired, or reported twice)
+            return
+        # Which jobs never started: the child starts jobs in dispatch order, so every job sent after
+        # the one it started last; all of them if it started none.  If that one already reported,
+        # all that are left, provided results come back in start order ("in_order": one job at a
+        # time); otherwise (a pool) it cannot tell, and counts them all.
+        unstarted: list[str] = []
+        if "started" in msg:
+            order, started = list(w.in_flight), msg["started"]
+            if isinstance(started, list) and len(started) == 2 and w.in_flight.get(started[0]) == started[1]:
+                unstarted = order[order.index(started[0]) + 1:]
+            elif started is None or msg.get("in_order") is True:
+                unstarted = order
+        results = msg.get("results")
+        if isinstance(results, list) and results:
+            self._results(w, orjson.dumps({"worker": w.name, "results": results}))
+        reason = msg.get("reason")
+        self._lose_worker(child, reason if isinstance(reason, str) and reason else "worker process ended",
+                          unstarted=frozenset(unstarted))
+
+    def _lose_worker(self, ident: bytes, reason: str, unstarted: frozenset[str] = frozenset()) -> None:
+        """Drop a worker; its running jobs go back to the queue with their attempt counted, except
+        ``unstarted`` ones (known never to have started), or fail WorkerLost after max_attempts."""
         w = self.queue.workers.get(ident)
         if w is None:
             return
+        if w.supervisor is not None and self._supervised.get(w.supervisor) == ident:
+            del self._supervised[w.supervisor]
         now = time.time()
         back = self.queue.remove_worker(ident, now)
+        if unstarted and back:
+            fresh = [j for j in back if j.id in unstarted]
+            if fresh:
+                back = [j for j in back if j.id not in unstarted]
+                self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True, "jobs": [
+                    [j.id, j.attempts, f"{reason} ({w.name}); never started"] for j in fresh]}))
+                for j in fresh:
+                    j.attempts -= 1
+                self._dirty = True
         if not back:
             return
         final = [j for j in back if j.attempts >= self.max_attempts]
@@ -961,7 +1044,7 @@ class Router:
             body = orjson.dumps({"jobs": [{"id": j.id, "attempt": j.attempts, "script": j.script, "args": j.args,
                                            "timeout": j.timeout} for j in jobs]})
             if not self._send(w.identity, [P.H_JOBS, body]):
-                self._lose_worker(w.identity, "worker unreachable")
+                self._unreachable(w)
 
     def _beat(self, mono: float) -> None:
         for ident, w in list(self.queue.workers.items()):
@@ -969,7 +1052,15 @@ class Router:
                 self._lose_worker(ident, "worker missed heartbeats")
                 log.warning("worker %s expired (no heartbeat for %.1f s)", w.name, w.heartbeat * self.liveness)
             elif not self._send(ident, [P.H_R_HEARTBEAT]):
-                self._lose_worker(ident, "worker unreachable")
+                self._unreachable(w)
+
+    def _unreachable(self, w: WorkerSlot) -> None:
+        """A send to ``w`` found its connection gone.  A supervised worker's process was just killed or
+        died, and its supervisor reports that itself, with which jobs never started (jobs whose send
+        failed here are among them): it is lost now only if its supervisor is gone too."""
+        if w.supervisor is not None and self._send(w.supervisor, [P.H_R_HEARTBEAT]):
+            return
+        self._lose_worker(w.identity, "worker unreachable")
 
 
 def _request_id(body: bytes) -> Any:

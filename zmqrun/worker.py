@@ -9,22 +9,29 @@ seconds, or a DISCONNECT from it, makes the worker close its socket, back off
 (1 s doubling to 32 s, with jitter) and register again.
 
 Execution:
+- Dedicated (``zmqrun worker --dedicated``): this :class:`Worker` runs in the
+  *child* process of a supervisor (:mod:`zmqrun.supervisor`), which keeps the
+  registration alive with its own heartbeats, enforces timeouts and cancels by
+  killing and re-warming the child, and reports what it killed.  The child
+  tells the supervisor which job runs through a shared page
+  (:mod:`zmqrun.board`): a few hundred nanoseconds per job, no message.
 - Dedicated, concurrency 1: the job runs inline on the loop thread (no thread
-  hop on the hot path).  While it runs, the loop thread hands the socket to a
-  heartbeat thread under a lock (a lock is the memory barrier libzmq asks for
-  when a socket changes threads), so a long Python job does not stop
-  heartbeats.  A job that holds the GIL in one C call for longer than the
-  liveness window can still starve it; see the README.
+  hop on the hot path).  Without a supervisor (a Worker built in-process), a
+  heartbeat thread takes the socket under a lock while a job runs; a job that
+  holds the GIL for longer than the liveness window can starve it, and
+  timeouts are not enforced.
 - Dedicated, concurrency N > 1: a thread pool of N; output capture is per thread.
 - Normal: each job is ``python -m zmqrun._coldstart`` in a new session, with
   stdout and stderr merged into the job's logs and the outcome on a separate
-  pipe; the job's timeout kills the process group.
+  pipe; the job's timeout (or the worker's ``--timeout``) kills the process
+  group, and so does a CANCEL from the router.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import logging
 import math
 import os
@@ -41,6 +48,7 @@ import orjson
 import zmq
 
 from . import protocol as P
+from .board import JobBoard
 from .execute import error_report, install_capture, run_captured
 from .scripts import load_function
 
@@ -60,14 +68,31 @@ def _result_bytes(job: dict[str, Any], frag: bytes, started: float, finished: fl
             + b',"finished_at":' + orjson.dumps(finished) + b"}")
 
 
-def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None) -> bytes:
+def _error_frag(kind: str, message: str) -> bytes:
+    return b'"status":"failure","error":' + orjson.dumps({"type": kind, "message": message, "traceback": ""})
+
+
+def canceled_result(job: dict[str, Any], reason: str) -> bytes:
+    """The encoded result of a job dropped before it started because the router canceled it.
+
+    The router has already recorded the cancel; this report only returns the job's credit.
+    """
+    now = time.time()
+    return _result_bytes(job, _error_frag("Canceled", reason), now, now, "")
+
+
+def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None,
+             timeout: float | None = None,
+             on_start: Callable[[str, subprocess.Popen[bytes]], None] | None = None) -> bytes:
     """Run one job in a fresh Python process (the cold path); return its encoded result.
 
-    Raises nothing for job-level problems: a crash, a timeout (kills the whole
-    process group) or an unreadable outcome become a failure result.
+    ``timeout`` (seconds) applies when the job has none of its own.  ``on_start(job_id, proc)`` is
+    called once the process exists (the worker keeps it to kill on a CANCEL).  Raises nothing
+    for job-level problems: a crash, a timeout (kills the whole process group) or an unreadable
+    outcome become a failure result.
     """
     started = time.time()
-    timeout = job.get("timeout")
+    timeout = job.get("timeout") or timeout
     rfd, wfd = os.pipe()
     try:
         # -u: unbuffered stdout and stderr, so the job's logs keep the order it printed in.
@@ -81,6 +106,8 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
         frag = b'"status":"failure","error":' + orjson.dumps(error_report(e))
         return _result_bytes(job, frag, started, time.time(), "")
     os.close(wfd)
+    if on_start is not None:
+        on_start(job["id"], proc)
     outcome = bytearray()
     reader = threading.Thread(target=_read_all, args=(rfd, outcome), daemon=True)
     reader.start()
@@ -94,8 +121,7 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
     reader.join(5)
     logs = out.decode("utf-8", "replace")
     if timed_out:
-        frag = b'"status":"failure","error":' + orjson.dumps(
-            {"type": "Timeout", "message": f"job exceeded its timeout of {timeout} s and was killed", "traceback": ""})
+        frag = _error_frag("Timeout", f"job exceeded its timeout of {timeout:g} s and was killed")
     elif outcome:
         frag = bytes(outcome)
     else:
@@ -124,17 +150,25 @@ class Worker:
     (dedicated worker) or None (normal worker, cold path, any script).
     ``concurrency``: jobs run at once.  ``prefetch``: extra jobs the router may
     send ahead (credit = concurrency + prefetch).  ``heartbeat`` in seconds.
+    ``timeout``: seconds a job without its own timeout may run (None: no limit);
+    enforced on the cold path and, for a dedicated worker, by its supervisor.
+    ``board``, ``identity``, ``supervisor``: set by :mod:`zmqrun.supervisor` for
+    its child (the shared job board, this child's routing id, the supervisor's).
     Raises :class:`zmqrun.scripts.ScriptError` from :meth:`start` if the script
     cannot be imported (before READY).
     """
 
     def __init__(self, connect: str, script: str | None = None, concurrency: int = 1,
                  prefetch: int | None = None, heartbeat: float = P.HEARTBEAT_INTERVAL,
-                 liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None) -> None:
+                 liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None, timeout: float | None = None,
+                 board: JobBoard | None = None, identity: str | None = None,
+                 supervisor: str | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60):
             raise ValueError(f"heartbeat must be 0.01 to 60 seconds, not {heartbeat!r}")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.connect = connect
         self.script = script
         self.concurrency = concurrency
@@ -146,7 +180,16 @@ class Worker:
         self.liveness = liveness
         nonce = os.urandom(3).hex()
         self.name = name or f"w-{_socket.gethostname()}-{os.getpid()}-{nonce}"
-        self.identity = self.name.encode()[:200]
+        self.identity = (identity or self.name).encode()[:255]
+        self.timeout = timeout
+        self.board = board
+        self.supervisor = supervisor
+        self._cancel_seq = 0  # the board's cancel list last read
+        self._canceled: frozenset[str] = frozenset()
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}  # cold path: job id -> its running process
+        self._cancel_ids: set[str] = set()  # cold path: canceled while running or starting
+        self._slot_of = threading.local()  # pool threads: their board slot
+        self._slots_taken = itertools.count()
         self._result_prefix = b'{"worker":' + orjson.dumps(self.name[:200]) + b',"results":['
         self.func: Callable[..., Any] | None = None
         self.ctx = zmq.Context()
@@ -177,9 +220,11 @@ class Worker:
         if self.script is not None:
             self.func = load_function(self.script)
             install_capture()
+        if self.board is not None:
+            self.board.set_serving()
         if not self._inline:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="zmqrun-job")
-        else:
+        elif self.board is None:  # supervised: the supervisor's heartbeats cover long jobs
             threading.Thread(target=self._heartbeat_during_jobs, name="zmqrun-heartbeat", daemon=True).start()
 
     def stop(self, *_: Any) -> None:
@@ -244,7 +289,7 @@ class Worker:
         self._pending.clear()
         self._results.clear()
         ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
-                              "name": self.name, "pid": os.getpid()})
+                              "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor})
         # IMMEDIATE=1: READY waits until a connection to the router exists.
         started, next_warning = time.monotonic(), 5.0
         while self._running and not sock.poll(100, zmq.POLLOUT):
@@ -308,9 +353,15 @@ class Worker:
                 if self._inline:
                     self._run_inline()
                 else:
+                    board = self.board
                     while self._pending and self._active < self.concurrency:
+                        job = self._pending.popleft()
+                        if board is not None:
+                            if self._is_canceled(job):
+                                continue
+                            board.handed(job["id"], job["attempt"])
                         self._active += 1
-                        self._pool.submit(self._run_pooled, self._pending.popleft())  # type: ignore[union-attr]
+                        self._pool.submit(self._run_pooled, job)  # type: ignore[union-attr]
             elif self._pending:
                 self._pending.clear()  # stopping: unstarted jobs go back via DISCONNECT
             if self._results:
@@ -327,6 +378,8 @@ class Worker:
             self._pending.extend(orjson.loads(frames[1])["jobs"])
         elif cmd == P.R_DISCONNECT:
             return "disconnect"
+        elif cmd == P.R_CANCEL:
+            self._on_cancel(orjson.loads(frames[1]))
         elif cmd == P.R_ERROR:
             log.error("router error: %s", orjson.loads(frames[1]).get("error"))
         return None
@@ -338,14 +391,69 @@ class Worker:
             self._results.clear()
             self._send([P.H_W_RESULT, body])
 
+    def _on_cancel(self, msg: Any) -> None:
+        """CANCEL from the router: drop the job if it waits in the buffer; on the cold path, kill its process.
+
+        A warm job that already runs in-process cannot be interrupted here (a
+        supervised worker's CANCEL goes to its supervisor instead); its result is
+        then dropped by the router.
+        """
+        jid = msg.get("id") if isinstance(msg, dict) else None
+        if not isinstance(jid, str):
+            return
+        reason = str(msg.get("reason") or "canceled")
+        for job in self._pending:
+            if job.get("id") == jid:
+                self._pending.remove(job)
+                self._results.append(canceled_result(job, reason))
+                return
+        if self.script is None:
+            if len(self._cancel_ids) > 10_000:
+                self._cancel_ids.clear()
+            self._cancel_ids.add(jid)
+            proc = self._procs.get(jid)
+            if proc is not None:
+                log.info("killing job %s: %s", jid, reason)
+                _kill_group(proc)
+
+    def _cold_started(self, job_id: str, proc: subprocess.Popen[bytes]) -> None:
+        self._procs[job_id] = proc
+        if job_id in self._cancel_ids:  # the CANCEL overtook the process start
+            _kill_group(proc)
+
+    def _is_canceled(self, job: dict[str, Any]) -> bool:
+        """Supervised child: True (and the job's credit reported back) if the supervisor listed it as canceled."""
+        board = self.board
+        if board.cancel_seq() != self._cancel_seq:  # type: ignore[union-attr]
+            got = board.canceled()  # type: ignore[union-attr]
+            if got is not None:
+                self._cancel_seq, self._canceled = got
+        if self._canceled and job["id"] in self._canceled:
+            self._results.append(canceled_result(job, "canceled before it started"))
+            return True
+        return False
+
     # -- execution ------------------------------------------------------------------------
 
     def _run_inline(self) -> None:
-        """Run buffered jobs on this thread; flush results when the buffer empties or a batch fills."""
+        """Run buffered jobs on this thread; flush results when the buffer empties or a batch fills.
+
+        Supervised: before each job, check the board's cancel list (one word
+        read) and record the job's start and deadline on the board (its end:
+        one word).  Results still buffered die with a child the supervisor
+        kills; those jobs then run again (at-least-once).  Flushing before every
+        job that has a timeout would avoid that, but costs batching: measured
+        3x lower map throughput on a worker with --timeout.
+        """
         func = self.func
+        board, default_timeout = self.board, self.timeout
         first_unflushed = 0.0
         while self._pending and self._running:  # stopping: unstarted jobs go back to the router
             job = self._pending.popleft()
+            if board is not None:
+                if self._is_canceled(job):
+                    continue
+                board.begin(0, job["id"], job["attempt"], job.get("timeout") or default_timeout)
             self._in_job = True
             self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
             try:
@@ -353,6 +461,8 @@ class Worker:
             finally:
                 self._sock_lock.acquire()
                 self._in_job = False
+                if board is not None:
+                    board.end(0)
             self._results.append(_result_bytes(job, frag, started, finished, logs))
             now = time.monotonic()
             if len(self._results) == 1:
@@ -361,15 +471,29 @@ class Worker:
                 self._flush()
 
     def _run_pooled(self, job: dict[str, Any]) -> None:
+        board = self.board
+        slot = -1
         try:
             if self.func is not None:
+                if board is not None:
+                    slot = getattr(self._slot_of, "slot", -1)
+                    if slot < 0:
+                        slot = self._slot_of.slot = next(self._slots_taken)
+                    board.begin(slot, job["id"], job["attempt"], job.get("timeout") or self.timeout)
                 frag, started, finished, logs = run_captured(self.func, job["args"])
                 data = _result_bytes(job, frag, started, finished, logs)
             else:
-                data = run_cold(job)
+                try:
+                    data = run_cold(job, timeout=self.timeout, on_start=self._cold_started)
+                finally:
+                    self._procs.pop(job["id"], None)
+                    self._cancel_ids.discard(job["id"])
         except BaseException as e:  # noqa: BLE001 - never lose a job's report
             data = _result_bytes(job, b'"status":"failure","error":' + orjson.dumps(error_report(e)),
                                  time.time(), time.time(), "")
+        finally:
+            if slot >= 0:
+                board.end(slot)  # type: ignore[union-attr]
         self._done.append(data)
         try:
             os.write(self._wake_w, b"\0")
