@@ -89,7 +89,8 @@ def joblog_ratios(res: Results) -> list[dict[str, Any]]:
     out.append(_absolute("Persistence CPU per job: SUBMIT+DISPATCH encoded, FINISH appended, 256 jobs per durable "
                          "flush (us/job, fsync=always)", row("log-writer/persist-cpu/always"), "<=", 10.0))
     pause = row("recovery/checkpoint/pause")
-    out.append(_absolute("Longest router-loop pause for a checkpoint (index file + snapshot writer fork) (ms)",
+    out.append(_absolute("Longest router-loop pause for a checkpoint (index file + snapshot writer fork), "
+                         "loop-thread CPU (ms)",
                          pause, "<=", 10.0, bool(pause and pause.get("full_size")), "" if pause is None or
                          pause.get("full_size") else "informational at --quick sizes; " + pause.get("note", "")))
     def at_full_size(key: str, name: str, unit: str, target: float, target_text: str) -> dict[str, Any]:
