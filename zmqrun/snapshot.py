@@ -6,7 +6,9 @@ segment, so replay resumes at the segment that starts at ``S + 1``
 (log-format.md section 7).  Files::
 
     snap-<S:020d>   header (32 bytes: magic "ZRSN", u16 version, u16 flags, u64 S,
-                    u64 body_len, u32 body_crc, u32 header_crc over bytes 0..27) + JSON body
+                    u64 body_len, u32 body_crc, u32 header_crc over bytes 0..27) + body: JSON lines,
+                    {"seq", "at", "count"} then arrays of up to 4096 live jobs each (decoded one
+                    line at a time, so loading 100k jobs never holds them all as JSON objects)
     CURRENT         {"snapshot": "snap-...", "seq": S} on one line, then the CRC-32 of that line in hex
 
 Both are written to a ``.tmp`` file, fdatasync'ed, renamed into place and the
@@ -23,6 +25,7 @@ import logging
 import struct
 import zlib
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -32,7 +35,8 @@ from .fsio import RealFS
 log = logging.getLogger("zmqrun.log")
 
 SNAP_MAGIC = b"ZRSN"
-SNAP_VERSION = 1
+SNAP_VERSION = 2
+_ROWS_PER_LINE = 4096
 _HEAD = struct.Struct("<4sHHQQI")  # 28 bytes + u32 header CRC
 HEADER_SIZE = 32
 KEEP_SNAPSHOTS = 2
@@ -59,15 +63,18 @@ def list_snapshots(fs: RealFS, data_dir: Path) -> list[int]:
     return sorted(out)
 
 
-def encode_snapshot(seq: int, jobs: list[dict[str, Any]], at: float) -> bytes:
-    """The bytes of a snapshot at ``seq`` holding ``jobs`` (live job state dicts)."""
-    body = orjson.dumps({"seq": seq, "at": at, "jobs": jobs})
+def encode_snapshot(seq: int, jobs: list[Any], at: float) -> bytes:
+    """The bytes of a snapshot at ``seq`` holding ``jobs`` (live job states, any JSON values)."""
+    lines = [orjson.dumps({"seq": seq, "at": at, "count": len(jobs)})]
+    lines += [orjson.dumps(jobs[i:i + _ROWS_PER_LINE]) for i in range(0, len(jobs), _ROWS_PER_LINE)]
+    body = b"\n".join(lines)
     head = _HEAD.pack(SNAP_MAGIC, SNAP_VERSION, 0, seq, len(body), zlib.crc32(body))
     return head + struct.pack("<I", zlib.crc32(head)) + body
 
 
-def decode_snapshot(data: bytes, name: str = "snapshot") -> tuple[int, list[dict[str, Any]]]:
-    """(seq, jobs) of a snapshot's bytes; raise :class:`SnapshotCorrupt` if it does not verify."""
+def decode_snapshot(data: bytes, name: str = "snapshot") -> tuple[int, Iterator[Any]]:
+    """(seq, jobs) of a snapshot's bytes, ``jobs`` decoded lazily, line by line; raise
+    :class:`SnapshotCorrupt` if it does not verify (header and body CRCs, the job count)."""
     if len(data) < HEADER_SIZE:
         raise SnapshotCorrupt(f"{name}: truncated header")
     magic, version, _flags, seq, body_len, body_crc = _HEAD.unpack_from(data)
@@ -81,8 +88,20 @@ def decode_snapshot(data: bytes, name: str = "snapshot") -> tuple[int, list[dict
         raise SnapshotCorrupt(f"{name}: body is {len(body)} bytes, the header says {body_len}")
     if zlib.crc32(body) != body_crc:
         raise SnapshotCorrupt(f"{name}: body fails its CRC")
-    d = orjson.loads(body)
-    return seq, d["jobs"]
+    head_line, _, rest = body.partition(b"\n")
+    meta = orjson.loads(head_line)
+    if meta.get("seq") != seq:
+        raise SnapshotCorrupt(f"{name}: body says sequence {meta.get('seq')}, the header {seq}")
+    count = meta["count"]
+    lines = rest.count(b"\n") + 1 if count else 0
+    if lines != -(-count // _ROWS_PER_LINE):
+        raise SnapshotCorrupt(f"{name}: {lines} lines of jobs for {count} jobs")
+
+    def rows() -> Iterator[Any]:
+        if count:
+            for line in rest.split(b"\n"):
+                yield from orjson.loads(line)
+    return seq, rows()
 
 
 def encode_current(seq: int) -> bytes:
@@ -91,7 +110,7 @@ def encode_current(seq: int) -> bytes:
     return line + b"\n" + f"{zlib.crc32(line):08x}\n".encode()
 
 
-def write_snapshot(fs: RealFS, data_dir: Path, seq: int, jobs: list[dict[str, Any]], at: float) -> None:
+def write_snapshot(fs: RealFS, data_dir: Path, seq: int, jobs: list[Any], at: float) -> None:
     """Durably write snapshot ``seq``, point CURRENT at it and keep only the newest two.
 
     Raises OSError if a write or sync fails (nothing older is removed then).
@@ -120,7 +139,7 @@ def read_current(fs: RealFS, data_dir: Path) -> int | None:
 
 
 def load_latest(fs: RealFS, data_dir: Path, quarantine: bool = False
-                ) -> tuple[int, list[dict[str, Any]]] | None:
+                ) -> tuple[int, Iterator[Any]] | None:
     """The snapshot to recover from: CURRENT's if it verifies, else the newest that does; None if none.
 
     A snapshot newer than CURRENT (CURRENT's rename lost in a crash) is complete,
