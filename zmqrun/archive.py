@@ -11,8 +11,10 @@ What stays in memory:
   through mmap.
 
 Any other finished job is rebuilt from two records read back from the log: its
-SUBMIT (script, args, times) and its terminal record (FINISH, CANCEL or final
-REQUEUE: outcome, worker, attempts).  A job whose records were removed by
+SUBMIT (script, args, times, tag, retry policy) and its terminal record (FINISH,
+CANCEL or final REQUEUE: outcome, worker, attempts, and the errors of earlier
+attempts that were retried, which the router adds to the terminal record of
+such a job).  A job whose records were removed by
 retention is unknown ("expired"), which is what a lookup then says.
 """
 
@@ -140,6 +142,8 @@ class Archive:
                 return None
             job.attempts, job.worker = entry[1], entry[3] if len(entry) > 3 else None
             job.started_at = entry[4] if len(entry) > 4 else None
+            if len(entry) > 5 and entry[5]:
+                job.attempt_errors = entry[5]
             apply_lost(job, entry[2], rec["at"])
         else:
             return None
@@ -177,10 +181,15 @@ class Archive:
 
 def state_of(job: Job) -> dict[str, Any]:
     """A live job as a snapshot entry (every field replay needs)."""
-    return {"id": job.id, "script": job.script, "args": job.args, "priority": job.priority,
-            "scheduled_for": job.scheduled_for, "timeout": job.timeout, "created_at": job.created_at,
-            "status": job.status, "attempts": job.attempts, "worker": job.worker,
-            "started_at": job.started_at, "submit_seq": job.submit_seq}
+    d = {"id": job.id, "script": job.script, "args": job.args, "priority": job.priority,
+         "scheduled_for": job.scheduled_for, "timeout": job.timeout, "created_at": job.created_at,
+         "status": job.status, "attempts": job.attempts, "worker": job.worker,
+         "started_at": job.started_at, "submit_seq": job.submit_seq}
+    for key in ("tag", "retries", "backoff", "retry_of", "attempt_errors"):  # only when set
+        value = getattr(job, key)
+        if value:
+            d[key] = value
+    return d
 
 
 def job_from_state(d: dict[str, Any]) -> Job:
@@ -188,4 +197,5 @@ def job_from_state(d: dict[str, Any]) -> Job:
     job = job_from(d)
     job.status, job.attempts, job.worker = d["status"], d["attempts"], d["worker"]
     job.started_at, job.submit_seq = d["started_at"], d["submit_seq"]
+    job.attempt_errors = d.get("attempt_errors")
     return job
