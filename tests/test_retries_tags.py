@@ -194,7 +194,8 @@ def test_a_lost_workers_late_report_settles_its_queued_job_once(tmp_path: Path) 
     assert d.router.queue.jobs["j1"].status == "queued"
     d.router._handle([WORKER, P.header(P.WORKER, P.W_READY), orjson.dumps({"script": "s.py:f", "credit": 0 + 1,
                                                                            "name": "w1"})])
-    report(d, [{"id": "j1", "attempt": job["attempt"]}])  # its failure arrives after all: retried
+    # Its failure arrives after all (twice: a re-sent batch): retried once.
+    report(d, [{"id": "j1", "attempt": job["attempt"]}, {"id": "j1", "attempt": job["attempt"]}])
     d.tick()
     j1 = d.router.queue.jobs["j1"]
     assert [e["attempt"] for e in j1.attempt_errors] == [1] and j1.scheduled_for > time.time() + 200

@@ -372,9 +372,21 @@ def test_leased_jobs_wait_for_their_worker_then_go_back_to_the_queue() -> None:
     assert q.expire_leases(NOW + 2.9) == []
     back = q.expire_leases(NOW + 3)
     assert back == [held] and held.status == QUEUED and held.worker == "w-old"  # the caller logs who
-    assert q.settle(held, 1)  # put back but not dispatched again: its worker may still report it
     assert dispatched(q, NOW + 3) == {"w": ["held"]} and held.attempts == 2
     assert not q.settle(held, 1)  # dispatched again: the old attempt is closed
+
+
+def test_a_put_back_job_is_settled_once_by_a_late_report() -> None:
+    q = JobQueue()
+    a = add_worker(q, "a", "s", credit=1)
+    job = add_job(q, "j")
+    assert dispatched(q) == {"a": ["j"]}
+    q.remove_worker(a.identity, NOW)  # put back: attempt 1 is still open
+    assert job.status == QUEUED
+    assert q.settle(job, 1) and job.status == RUNNING
+    assert not q.settle(job, 1)  # the same report twice (a re-sent batch) settles nothing more
+    add_worker(q, "b", "s", credit=1)
+    assert q.dispatch(NOW) == []  # being settled: not dispatched again
 
 
 def test_backoff_parsing_and_delays() -> None:

@@ -329,8 +329,9 @@ def status(address: str, client_timeout: float, as_json: bool) -> None:
         click.echo(json.dumps(st, indent=2))
         return
     counts = st["counts"]
+    leased = f" ({st['leased']} leased after a restart)" if st.get("leased") else ""
     click.echo(f"router {st['endpoint']} (fsync {st['fsync']}): queued {counts['queued']}, scheduled "
-               f"{counts['scheduled']}, running {counts['running']}, finished {counts['finished']}")
+               f"{counts['scheduled']}, running {counts['running']}{leased}, finished {counts['finished']}")
     lg = st.get("log", {})
     if lg.get("syncs"):
         click.echo(f"log: {lg['records']} records in {lg['batches']} batches, {lg['syncs']} fdatasyncs "

@@ -243,14 +243,19 @@ class JobQueue:
         self.leases[job.id] = until
 
     def settle(self, job: Job, attempt: Any) -> bool:
-        """A registered worker reports ``attempt`` of ``job``, which no worker slot holds: True (and the
-        lease, if any, ends) if that report may settle the attempt (see :func:`attempt_open`)."""
+        """A registered worker reports ``attempt`` of ``job``, which no worker slot holds: True if that
+        report may settle the attempt (see :func:`attempt_open`).  Then the lease, if any, ends and the
+        job counts as running until the caller finishes it or queues it again (:meth:`retry`), so a
+        second report of the same attempt is refused."""
         if job.status == RUNNING:
             if job.id not in self.leases or type(attempt) is not int or job.attempts != attempt:
                 return False
             del self.leases[job.id]
             return True
-        return attempt_open(job, attempt)
+        if not attempt_open(job, attempt):
+            return False
+        job.status = RUNNING  # its heap entry goes stale: it is not dispatched again meanwhile
+        return True
 
     def expire_leases(self, now: float) -> list[Job]:
         """Queue again (due now) every leased job whose lease ended by ``now``; return them."""

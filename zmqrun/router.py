@@ -167,7 +167,10 @@ class Router:
 
     ``bind``: a ZeroMQ endpoint (tcp://127.0.0.1:5555, ipc://...).  ``data_dir``:
     where the log lives.  ``heartbeat`` (seconds) x ``liveness`` bounds how long
-    a silent worker is kept.  Raises :class:`zmqrun.joblog.LogCorruption` or
+    a silent worker is kept.  ``max_attempts``: lost attempts (worker gone, lease
+    ended) before a job fails with WorkerLost.  ``recovery_lease``: seconds a job
+    that was running when the router stopped waits, after a restart, for its
+    worker to register again and report it (default heartbeat x liveness + 1 s).  Raises :class:`zmqrun.joblog.LogCorruption` or
     :class:`zmqrun.joblog.LogLocked` on start if the log cannot be used.
     """
 

@@ -363,7 +363,9 @@ class Worker:
                 self._acked(msg["acked"])
         elif cmd == P.R_HEARTBEAT:
             if len(frames) > 1 and frames[1]:
-                self._acked(orjson.loads(frames[1]).get("acked"))
+                msg = orjson.loads(frames[1])
+                if isinstance(msg, dict):
+                    self._acked(msg.get("acked"))
         elif cmd == P.R_DISCONNECT:
             return "disconnect"
         elif cmd == P.R_ERROR:
