@@ -363,7 +363,7 @@ def test_leased_jobs_wait_for_their_worker_then_go_back_to_the_queue() -> None:
     reported.attempts = 2
     q.lease(held, NOW + 3)
     q.lease(reported, NOW + 3)
-    w = add_worker(q, "w", "s", credit=5)
+    add_worker(q, "w", "s", credit=5)
     assert q.counts(NOW) == {"queued": 0, "scheduled": 0, "running": 2}
     assert q.dispatch(NOW) == []  # leased jobs are not dispatched
     assert not q.settle(reported, 1)  # an older attempt: no

@@ -69,15 +69,24 @@ class Job:
         self.retry_of: str | None = None  # the job this one re-runs (Client.retry)
 
     def wire(self) -> dict[str, Any]:
-        """Every field as a JSON-ready dict (times as epoch seconds)."""
-        return {
+        """Every field as a JSON-ready dict (times as epoch seconds); the optional ones (tag, retries,
+        backoff, attempt_errors, retry_of) only when set (readers default them)."""
+        d = {
             "id": self.id, "script": self.script, "args": self.args, "priority": self.priority,
             "scheduled_for": self.scheduled_for, "timeout": self.timeout, "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at, "worker": self.worker,
             "attempts": self.attempts, "status": self.status, "result": self.result,
-            "error": self.error, "logs": self.logs, "tag": self.tag, "retries": self.retries,
-            "backoff": self.backoff, "attempt_errors": self.attempt_errors or [], "retry_of": self.retry_of,
+            "error": self.error, "logs": self.logs,
         }
+        if self.tag is not None:
+            d["tag"] = self.tag
+        if self.retries or self.backoff:
+            d["retries"], d["backoff"] = self.retries, self.backoff
+        if self.attempt_errors:
+            d["attempt_errors"] = self.attempt_errors
+        if self.retry_of is not None:
+            d["retry_of"] = self.retry_of
+        return d
 
     def outcome(self) -> dict[str, Any]:
         """The compact result pushed to waiting clients."""

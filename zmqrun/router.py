@@ -170,7 +170,8 @@ class Router:
     a silent worker is kept.  ``max_attempts``: lost attempts (worker gone, lease
     ended) before a job fails with WorkerLost.  ``recovery_lease``: seconds a job
     that was running when the router stopped waits, after a restart, for its
-    worker to register again and report it (default heartbeat x liveness + 1 s).  Raises :class:`zmqrun.joblog.LogCorruption` or
+    worker to register again and report it (default heartbeat x liveness + 1 s).
+    Raises :class:`zmqrun.joblog.LogCorruption` or
     :class:`zmqrun.joblog.LogLocked` on start if the log cannot be used.
     """
 
