@@ -23,10 +23,11 @@ from typing import Any, Iterable
 import zmq
 
 from . import protocol as P
-from .client import (Call, CancelResult, RequestRejected, ZmqrunError, cancel_request, check_map_options,
-                     client_settings, encode_request, evict_unclaimed, get_request, id_list, job_dict, list_request,
-                     no_answer, noack_submit, outcome_value, peer_identity, read_router_message, rejected_outcomes,
-                     reply_body, run_job_dict, status_request, submit_request, unreachable, wait_request)
+from .client import (WAIT_SLICE, Call, CancelResult, ConnectionWatch, RequestRejected, ZmqrunError, cancel_request,
+                     check_map_options, client_settings, encode_request, evict_unclaimed, get_request, id_list,
+                     job_dict, list_request, no_answer, noack_submit, outcome_value, peer_identity,
+                     read_router_message, rejected_outcomes, reply_body, retry_job_dict, run_job_dict,
+                     status_request, submit_request, unreachable)
 from .model import JobRecord
 
 log = logging.getLogger("zmqrun.aio")
@@ -97,18 +98,24 @@ class AsyncClient:
     tcp://127.0.0.1:5555).  ``timeout``: seconds to wait for the router to
     answer any request before raising :class:`RouterUnavailable`.  Use it as
     ``async with AsyncClient(...) as c:`` or call ``await c.close()``.  The
-    client binds to the event loop it is first used on.
+    client binds to the event loop it is first used on.  Router restarts are
+    ridden out as :class:`zmqrun.Client` does (requests sent again, waits asked again).
     """
 
     def __init__(self, address: str | None = None, timeout: float = 10.0) -> None:
         self.address, self.timeout = client_settings(address, timeout)
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         P.configure_peer_socket(self._sock, peer_identity(), linger_ms=500)
+        self._conn = ConnectionWatch(self._sock)
+        self._seen_conns = 1  # connections counted so far (the first one is no reconnection)
+        self._reasking: asyncio.Task[None] | None = None
+        self._reask_again = False
         self._sock.connect(self.address)
         self._fd: int = self._sock.FD
         self._req = itertools.count(1)
         self._replies: dict[int, asyncio.Future[tuple[int, dict[str, Any]]]] = {}  # req -> its reply
         self._noack: dict[int, list[str]] = {}  # req -> job ids of an "ack": false SUBMIT
+        self._noack_jobs: dict[str, dict[str, Any]] = {}  # jobs sent without an ACK, until their outcome
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}  # job id -> its outcome, for waiters
         self._claims: dict[str, int] = {}  # job id -> number of waiters on its future
         self._outcomes: dict[str, dict[str, Any]] = {}  # outcomes nobody waited for yet
@@ -146,6 +153,14 @@ class AsyncClient:
             if same_loop:
                 await asyncio.wait((reader,))  # the reader never blocks but on its event: ends at once
         self._fail_all("the client was closed")
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self._conn.fd)
+            except Exception:  # noqa: BLE001 - the loop may be closing
+                pass
+        if self._reasking is not None and not self._reasking.done():
+            self._reasking.cancel()
+        self._conn.close()
         self._sock.close(linger=500)
 
     def _started(self) -> asyncio.AbstractEventLoop:
@@ -158,6 +173,8 @@ class AsyncClient:
             self._loop = loop
             self._readable = asyncio.Event()
             loop.add_reader(self._fd, self._readable.set)
+            loop.add_reader(self._conn.fd, self._conns)  # reconnections: see _conns
+            self._conns()
             self._last_rx = loop.time()
             self._reader = loop.create_task(self._read_loop(), name=f"zmqrun-client-reader {self.address}")
         elif loop is not self._loop:
@@ -196,6 +213,37 @@ class AsyncClient:
                 loop.remove_reader(self._fd)
             except Exception:  # noqa: BLE001 - the loop may already be closing
                 pass
+
+    def _conns(self) -> int:
+        """Connections completed so far.  On a new one (the router may have restarted and forgotten who
+        waits for what, or lost jobs sent without an ACK), ask it again about every awaited job, once,
+        for all waiters (:meth:`_reask_all`).  Every read of the monitor goes through here, so none is
+        missed."""
+        n = self._conn.connections()
+        if n > self._seen_conns:
+            self._seen_conns = n
+            self._watching.clear()  # nothing is known to be pushed to us any more: a later wait asks first
+            if self._futures or self._noack_jobs:
+                if self._reasking is None or self._reasking.done():
+                    assert self._loop is not None
+                    self._reasking = self._loop.create_task(self._reask_all())
+                else:
+                    self._reask_again = True
+        return n
+
+    async def _reask_all(self) -> None:
+        """WAIT for every job a coroutine awaits and every job sent without an ACK (see :meth:`_reask`).
+        Errors are left to the waiters' own liveness checks."""
+        while True:
+            self._reask_again = False
+            ids = list(dict.fromkeys([*self._futures, *(j for j in self._noack_jobs if j not in self._outcomes)]))
+            if ids:
+                try:
+                    await self._reask(ids)
+                except Exception as e:  # noqa: BLE001 - each waiter checks the router itself after its timeout
+                    log.debug("asking the router again after a reconnection failed: %r", e)
+            if not self._reask_again:
+                return
 
     def _fail_all(self, why: str) -> None:
         """Fail every pending request, job wait and map() with ZmqrunError(why)."""
@@ -315,8 +363,12 @@ class AsyncClient:
                     pass
         self._kick()
 
-    async def _request(self, cmd: int, body: dict[str, Any]) -> dict[str, Any]:
-        """Send a request and return its reply body; one deadline (the client timeout) covers both."""
+    async def _request(self, cmd: int, body: dict[str, Any], resend: bool = True) -> dict[str, Any]:
+        """Send a request and return its reply body; one deadline (the client timeout) covers both.
+
+        ``resend``: send it again if the client reconnects meanwhile (see :class:`zmqrun.Client`);
+        only for idempotent requests.  A second answer finds no waiter and is dropped.
+        """
         loop = self._started()
         req = next(self._req)
         body["req"] = req
@@ -325,21 +377,42 @@ class AsyncClient:
         fut: asyncio.Future[tuple[int, dict[str, Any]]] = loop.create_future()
         self._replies[req] = fut
         try:
+            conns = self._conns()  # before the send (see Client._request)
             await self._send(frames, deadline)
-            await asyncio.wait((fut,), timeout=max(0.0, deadline - loop.time()))
-            if not fut.done():
-                raise no_answer(self.address, self.timeout)
+            while not fut.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise no_answer(self.address, self.timeout)
+                await asyncio.wait((fut,), timeout=min(left, WAIT_SLICE))
+                if not fut.done() and resend and self._conns() > max(conns, 1):
+                    conns = self._conn.count
+                    try:
+                        P.send_frames(self._sock, frames)
+                    except zmq.Again:
+                        conns -= 1  # not connected after all: try again at the next check
+                    self._kick()
             return reply_body(*fut.result())
         finally:
             self._replies.pop(req, None)
 
-    async def _call(self, call: Call) -> Any:
+    async def _call(self, call: Call, resend: bool = True) -> Any:
         cmd, body, parse = call
-        return parse(await self._request(cmd, body))
+        return parse(await self._request(cmd, body, resend))
 
-    async def _check_alive(self, ids: list[str]) -> None:
-        """Re-register interest in unfinished ids; raises RouterUnavailable if the router is silent."""
-        await self._call(wait_request(ids))
+    async def _reask(self, ids: list[str]) -> None:
+        """Ask the router for unfinished ``ids`` again (see :meth:`zmqrun.Client._reask`): jobs sent
+        without an ACK that it does not know are submitted again, same ids.  Raises RouterUnavailable
+        if the router is silent, ZmqrunError for other ids it does not know."""
+        body = await self._request(P.C_WAIT, {"ids": ids})
+        unknown = body.get("unknown") or []
+        lost = [self._noack_jobs[j] for j in unknown if j in self._noack_jobs]
+        if len(lost) < len(unknown):
+            others = [j for j in unknown if j not in self._noack_jobs]
+            raise ZmqrunError(f"the router does not know job(s) {', '.join(others[:5])}")
+        if lost:
+            req = next(self._req)
+            self._noack[req] = [d["id"] for d in lost]
+            await self._send(encode_request(P.C_SUBMIT, noack_submit(req, lost)))
 
     async def _wait_outcomes(self, ids: list[str], timeout: float | None,
                              return_exceptions: bool = False) -> list[Any]:
@@ -348,7 +421,7 @@ class AsyncClient:
         try:
             unwatched = [j for j, f in zip(ids, futs) if not f.done() and j not in self._watching]
             if unwatched:
-                await self._check_alive(unwatched)
+                await self._reask(unwatched)
                 # The router pushes an outcome it already has before its reply: those are filed (and
                 # unwatched) already; only the others will still come.
                 asked = set(unwatched)
@@ -362,8 +435,10 @@ class AsyncClient:
                     late = [j for j, f in zip(ids, futs) if not f.done()]
                     raise TimeoutError(f"job(s) {', '.join(late)} not finished within {timeout:g} s")
                 _, pending = await asyncio.wait(pending, timeout=slice_s)
+                # A reconnection is handled for all waiters at once (_conns); a quiet spell here asks
+                # whether the router is still there (raises RouterUnavailable if it is gone).
                 if pending and loop.time() - max(since, self._last_rx) >= self.timeout:
-                    await self._check_alive([j for j, f in zip(ids, futs) if not f.done()])
+                    await self._reask([j for j, f in zip(ids, futs) if not f.done()])
                     since = loop.time()
         finally:
             for jid, fut in zip(ids, futs):
@@ -374,18 +449,30 @@ class AsyncClient:
 
     async def submit(self, script: str, args: dict[str, Any] | None = None, *, priority: int = 0,
                      scheduled_for: Any = None, delay: float | None = None, timeout: float | None = None,
-                     job_id: str | None = None) -> AsyncJob:
+                     job_id: str | None = None, retries: int = 0, backoff: Any = None,
+                     tag: str | None = None) -> AsyncJob:
         """Submit one job; return an :class:`AsyncJob` once the router has made it durable.
 
-        Arguments as :meth:`zmqrun.Client.submit`.  Raises ``TypeError`` for args
-        orjson cannot encode (nothing is sent), :class:`RequestRejected` if the
-        router refuses the job, :class:`RouterUnavailable` if it does not answer
-        within the timeout.
+        Arguments as :meth:`zmqrun.Client.submit` (idempotent the same way).  Raises ``TypeError`` for
+        args orjson cannot encode (nothing is sent), ``ValueError`` for a bad option,
+        :class:`RequestRejected` if the router refuses the job, :class:`RouterUnavailable` if it does
+        not answer within the timeout.
         """
-        jid = await self._call(submit_request(job_dict(script, args, priority, scheduled_for, delay, timeout,
-                                                       job_id)))
+        return await self._submit_one(job_dict(script, args, priority, scheduled_for, delay, timeout, job_id,
+                                               retries=retries, backoff=backoff, tag=tag))
+
+    async def _submit_one(self, d: dict[str, Any]) -> AsyncJob:
+        jid = await self._call(submit_request(d))
         self._watching.add(jid)
         return AsyncJob(jid, self)
+
+    async def retry(self, job_id: str) -> AsyncJob:
+        """Run a finished job again as a new job (see :meth:`zmqrun.Client.retry`).
+
+        Raises ``KeyError`` for an unknown id, ``ValueError`` if the job has not finished, and what
+        :meth:`submit` raises.
+        """
+        return await self._submit_one(retry_job_dict(await self.get(job_id)))
 
     async def run(self, script: str, args: dict[str, Any] | None = None, *, wait_timeout: float | None = None,
                   **opts: Any) -> Any:
@@ -399,27 +486,32 @@ class AsyncClient:
         req = next(self._req)
         frames = encode_request(P.C_SUBMIT, noack_submit(req, [d]))
         self._noack[req] = [d["id"]]
+        self._noack_jobs[d["id"]] = d
         self._watching.add(d["id"])
         try:
             await self._send(frames)
             return (await self._wait_outcomes([d["id"]], wait_timeout))[0]
         finally:
             self._noack.pop(req, None)
+            self._noack_jobs.pop(d["id"], None)
 
     async def map(self, script: str, iterable: Iterable[dict[str, Any] | None], *, batch_size: int = 1000,
                   window: int = 10_000, priority: int = 0, timeout: float | None = None,
-                  return_exceptions: bool = False) -> list[Any]:
+                  return_exceptions: bool = False, retries: int = 0, backoff: Any = None,
+                  tag: str | None = None) -> list[Any]:
         """Run ``script`` once per args dict; return the results in input order.
 
         Pipelined like :meth:`zmqrun.Client.map`: ``batch_size`` jobs per
-        message (sent with ``"ack": false``), up to ``window`` jobs in flight.
+        message (sent with ``"ack": false``), up to ``window`` jobs in flight;
+        ``retries``, ``backoff`` and ``tag`` apply to every job.
         Raises :class:`JobFailed` for the first failed job unless
         ``return_exceptions`` (then the JobFailed is put in its place),
         :class:`RequestRejected` as soon as the router refuses a job, and
         ``TypeError`` for unserializable args before anything is sent.
         """
         check_map_options(batch_size, window)
-        all_jobs = [job_dict(script, a, priority, None, None, timeout, None) for a in iterable]
+        all_jobs = [job_dict(script, a, priority, None, None, timeout, None, retries=retries, backoff=backoff,
+                             tag=tag) for a in iterable]
         loop = self._started()
         ids = [d["id"] for d in all_jobs]
         n = len(ids)
@@ -431,6 +523,7 @@ class AsyncClient:
         reqs: list[int] = []
         sent = 0
         since = loop.time()
+        noack = self._noack_jobs
         try:
             while state.done < n and state.rejected is None and state.failed is None:
                 while sent < n and sent - state.done < window:
@@ -438,6 +531,8 @@ class AsyncClient:
                     req = next(self._req)
                     frames = encode_request(P.C_SUBMIT, noack_submit(req, chunk))
                     self._noack[req] = [d["id"] for d in chunk]
+                    for d in chunk:
+                        noack[d["id"]] = d
                     reqs.append(req)
                     # No ACK per message: each job's result (sent once it is durable) acknowledges it.
                     await self._send(frames)
@@ -454,12 +549,15 @@ class AsyncClient:
                 if state.done > before:
                     since = loop.time()
                 elif loop.time() - max(since, self._last_rx) >= self.timeout:
-                    # Only the jobs already sent: the router does not know the others yet.
-                    await self._check_alive([ids[i] for i in range(sent) if state.outcomes[i] is None])
+                    # Only the jobs already sent: the router does not know the others yet.  (A
+                    # reconnection is handled for all waiters at once: _conns.)
+                    await self._reask([ids[i] for i in range(sent) if state.outcomes[i] is None])
                     since = loop.time()
         finally:
             for req in reqs:
                 self._noack.pop(req, None)
+            for jid in ids:
+                noack.pop(jid, None)
             if state.done < n:
                 for i, jid in enumerate(ids):
                     if state.outcomes[i] is None and slots.get(jid, (None,))[0] is state:
@@ -495,7 +593,7 @@ class AsyncClient:
 
         A finished job is not changed (``canceled`` False, with why).
         """
-        return await self._call(cancel_request(job_id, reason))
+        return await self._call(cancel_request(job_id, reason), resend=False)
 
     async def status(self) -> dict[str, Any]:
         """Router status: ``workers`` [{name, script, credit, in_flight}], ``counts`` {queued, scheduled,

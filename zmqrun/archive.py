@@ -11,8 +11,10 @@ What stays in memory:
   through mmap.
 
 Any other finished job is rebuilt from two records read back from the log: its
-SUBMIT (script, args, times) and its terminal record (FINISH, CANCEL or final
-REQUEUE: outcome, worker, attempts).  A job whose records were removed by
+SUBMIT (script, args, times, tag, retry policy) and its terminal record (FINISH,
+CANCEL or final REQUEUE: outcome, worker, attempts, and the errors of earlier
+attempts that were retried, which the router adds to the terminal record of
+such a job).  A job whose records were removed by
 retention is unknown ("expired"), which is what a lookup then says.
 """
 
@@ -149,6 +151,8 @@ class Archive:
                 return None
             job.attempts, job.worker = entry[1], entry[3] if len(entry) > 3 else None
             job.started_at = entry[4] if len(entry) > 4 else None
+            if len(entry) > 5 and entry[5]:
+                job.attempt_errors = entry[5]
             apply_lost(job, entry[2], rec["at"])
         else:
             return None
@@ -188,23 +192,43 @@ class Archive:
 
 
 def submitted_as(job: Job) -> dict[str, Any]:
-    """The job as its SUBMIT record holds it (the normalized job dict :func:`job_from` reads)."""
-    return {"id": job.id, "script": job.script, "args": job.args, "priority": job.priority,
-            "scheduled_for": job.scheduled_for, "timeout": job.timeout, "created_at": job.created_at}
+    """The job as its SUBMIT record holds it (the normalized job dict :func:`job_from` reads; the
+    optional fields tag, retries, backoff and retry_of only when set)."""
+    d = {"id": job.id, "script": job.script, "args": job.args, "priority": job.priority,
+         "scheduled_for": job.scheduled_for, "timeout": job.timeout, "created_at": job.created_at}
+    if job.tag is not None:
+        d["tag"] = job.tag
+    if job.retries or job.backoff:
+        d["retries"], d["backoff"] = job.retries, job.backoff
+    if job.retry_of is not None:
+        d["retry_of"] = job.retry_of
+    return d
+
+
+_OPTIONAL = ("tag", "retries", "backoff", "retry_of", "attempt_errors")
 
 
 def state_of(job: Job) -> list[Any]:
     """A live job as a snapshot row (every field replay needs; a list, not a dict: 100k of them are
-    decoded at every start)."""
-    return [job.id, job.script, job.args, job.priority, job.scheduled_for, job.timeout, job.created_at,
-            job.status, job.attempts, job.worker, job.started_at, job.submit_seq]
+    decoded at every start).  The optional fields (tag, retry policy, retry_of, attempt errors) follow
+    as a 13th element, a dict, only when one of them is set."""
+    row = [job.id, job.script, job.args, job.priority, job.scheduled_for, job.timeout, job.created_at,
+           job.status, job.attempts, job.worker, job.started_at, job.submit_seq]
+    extra = {key: value for key in _OPTIONAL if (value := getattr(job, key))}
+    if extra:
+        row.append(extra)
+    return row
 
 
 def job_from_state(row: list[Any]) -> Job:
     """The inverse of :func:`state_of`."""
     (jid, script, args, priority, scheduled_for, timeout, created_at, status, attempts, worker, started_at,
-     submit_seq) = row
+     submit_seq) = row[:12]
     job = Job(jid, script, args, priority, scheduled_for, timeout, created_at, 0)
     job.status, job.attempts, job.worker = status, attempts, worker
     job.started_at, job.submit_seq = started_at, submit_seq
+    if len(row) > 12:
+        extra = row[12]
+        job.tag, job.retries, job.backoff = extra.get("tag"), extra.get("retries") or 0, extra.get("backoff")
+        job.retry_of, job.attempt_errors = extra.get("retry_of"), extra.get("attempt_errors")
     return job

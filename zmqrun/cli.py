@@ -77,9 +77,13 @@ def main() -> None:
               help="drop whole old log segments of finished jobs older than this [default: keep forever]")
 @click.option("--retain-mb", default=None, type=click.FloatRange(min=0, min_open=True),
               help="drop the oldest segments of finished jobs while the log is larger than this (MiB)")
+@click.option("--recovery-lease", default=None, type=click.FloatRange(0, 3600),
+              help="after a restart, seconds jobs that were running wait for their worker to report them "
+                   "before they are queued again [default: heartbeat x liveness + 1]")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
-           segment_mb: float, retain_days: float | None, retain_mb: float | None, log_level: str) -> None:
+           segment_mb: float, retain_days: float | None, retain_mb: float | None, recovery_lease: float | None,
+           log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
 
@@ -90,7 +94,8 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
     try:
         code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts,
                           segment_bytes=max(4096, int(segment_mb * 1024 * 1024)), retain_days=retain_days,
-                          retain_bytes=int(retain_mb * 1024 * 1024) if retain_mb else None)
+                          retain_bytes=int(retain_mb * 1024 * 1024) if retain_mb else None,
+                          recovery_lease=recovery_lease)
     except (LogCorruption, DataDirError, OSError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
@@ -113,9 +118,12 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
 @click.option("--name", default=None, help="worker name shown in job records and status")
 @click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True),
               help="seconds a job without its own timeout may run before it is killed [default: no limit]")
+@click.option("--tag", "tags", multiple=True, metavar="TAG",
+              help="take only jobs submitted with this tag (repeat for several); without --tag, only untagged jobs")
+@click.option("--untagged", is_flag=True, default=False, help="with --tag: take untagged jobs too")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,
-           name: str | None, timeout: float | None, log_level: str) -> None:
+           name: str | None, timeout: float | None, tags: tuple[str, ...], untagged: bool, log_level: str) -> None:
     """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job).
 
     A dedicated worker is two processes: a supervisor (this one: heartbeats, timeouts, cancels) and a
@@ -130,12 +138,13 @@ def worker(connect: str, script: str | None, concurrency: int, prefetch: int | N
             from .supervisor import run_supervised
 
             code = run_supervised(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
-                                  name=name, timeout=timeout, log_level=log_level)
+                                  name=name, timeout=timeout, log_level=log_level, tags=tags,
+                                  untagged=untagged or not tags)
         else:
             from .worker import run_worker
 
             code = run_worker(connect, None, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
-                              name=name, timeout=timeout)
+                              name=name, timeout=timeout, tags=tags, untagged=untagged or not tags)
     except (ScriptError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
@@ -164,13 +173,20 @@ timeout_option = click.option("--timeout-s", "client_timeout", default=10.0, sho
 @click.option("--priority", default=0, show_default=True, help="higher runs first")
 @click.option("--timeout", default=None, type=float, help="seconds the job may run")
 @click.option("--id", "job_id", default=None, help="your own job id (resubmitting it creates no second job)")
+@click.option("--retries", default=0, show_default=True, type=click.IntRange(0, 1000),
+              help="run a failed attempt again up to this many times")
+@click.option("--backoff", default=None, metavar="SPEC",
+              help="wait before a retry: SECONDS (constant) or exponential:SECONDS[,factor=F][,max=S][,jitter=J] "
+                   "[default: exponential:1,factor=2,max=3600,jitter=0.1]")
+@click.option("--tag", default=None, help="run only on workers started with --tag TAG")
 @click.option("--wait", is_flag=True, help="wait and print the result as JSON")
 @click.option("--wait-timeout", default=None, type=click.FloatRange(0, None, min_open=True),
               help="with --wait: give up waiting after this many seconds (the job stays queued)")
 @address_option
 @timeout_option
 def submit(script: str, args_json: str | None, delay: float | None, priority: int, timeout: float | None,
-           job_id: str | None, wait: bool, wait_timeout: float | None, address: str, client_timeout: float) -> None:
+           job_id: str | None, retries: int, backoff: str | None, tag: str | None, wait: bool,
+           wait_timeout: float | None, address: str, client_timeout: float) -> None:
     """Submit a job for SCRIPT; print its id (or, with --wait, its result as JSON)."""
     args = None
     if args_json is not None:
@@ -181,24 +197,39 @@ def submit(script: str, args_json: str | None, delay: float | None, priority: in
         if not isinstance(args, dict):
             raise ValueError("--args must be a JSON object, e.g. '{\"n\": 10}'")
     with _client(address, client_timeout) as c:
-        job = c.submit(script, args, priority=priority, delay=delay, timeout=timeout, job_id=job_id)
-        if not wait:
-            click.echo(job.id)
-            return
-        try:
-            value = job.result(wait_timeout)
-        except KeyboardInterrupt:
-            click.echo(f"zmqrun: stopped waiting; job {job.id} is still queued or running", err=True)
-            sys.exit(130)
-        except TimeoutError:
-            raise TimeoutError(f"job {job.id} not finished within {wait_timeout:g} s; it goes on "
-                               f"(see zmqrun jobs show {job.id})") from None
-        click.echo(json.dumps(value))
+        job = c.submit(script, args, priority=priority, delay=delay, timeout=timeout, job_id=job_id,
+                       retries=retries, backoff=backoff, tag=tag)
+        _print_or_wait(job, wait, wait_timeout)
+
+
+def _print_or_wait(job: Any, wait: bool, wait_timeout: float | None) -> None:
+    """Print the job's id, or with ``wait`` its result as JSON (raises what ``Job.result`` raises)."""
+    if not wait:
+        click.echo(job.id)
+        return
+    try:
+        value = job.result(wait_timeout)
+    except KeyboardInterrupt:
+        click.echo(f"zmqrun: stopped waiting; job {job.id} is still queued or running", err=True)
+        sys.exit(130)
+    except TimeoutError:
+        raise TimeoutError(f"job {job.id} not finished within {wait_timeout:g} s; it goes on "
+                           f"(see zmqrun jobs show {job.id})") from None
+    click.echo(json.dumps(value))
 
 
 @main.group()
 def jobs() -> None:
-    """Look up, list and cancel jobs."""
+    """Look up, list, cancel and retry jobs."""
+
+
+def _fmt_backoff(b: dict[str, Any] | None) -> str:
+    if not b:
+        return "none"
+    if b.get("kind") == "exponential":
+        return (f"exponential from {b['seconds']:g} s, x{b['factor']:g}, at most {b['max']:g} s, "
+                f"jitter {b['jitter']:g}")
+    return f"constant {b.get('seconds', 0):g} s" + (f", jitter {b['jitter']:g}" if b.get("jitter") else "")
 
 
 def _fmt_record(r: Any) -> str:
@@ -207,6 +238,18 @@ def _fmt_record(r: Any) -> str:
              f"created_at:    {r.created_at}", f"scheduled_for: {r.scheduled_for}",
              f"started_at:    {r.started_at}", f"finished_at:   {r.finished_at}",
              f"worker:        {r.worker}", f"attempts:      {r.attempts}", f"timeout:       {r.timeout}"]
+    if r.tag is not None:
+        lines.append(f"tag:           {r.tag}")
+    if r.retries:
+        lines.append(f"retries:       {r.retries} (backoff {_fmt_backoff(r.backoff)})")
+    if r.retry_of:
+        lines.append(f"retry_of:      {r.retry_of}")
+    if r.attempt_errors:
+        lines.append("attempt errors (retried):")
+        for e in r.attempt_errors:
+            err = e.get("error") or {}
+            lines.append(f"  #{e.get('attempt')} {e.get('finished_at')} on {e.get('worker')}: "
+                         f"{err.get('type')}: {err.get('message')}")
     if r.status == "success":
         lines.append(f"result:        {json.dumps(r.result)}")
     if r.error:
@@ -276,6 +319,19 @@ def jobs_cancel(job_id: str, reason: str | None, address: str, client_timeout: f
     click.echo(f"canceled {job_id}" + (f" ({res.message})" if res.message != "canceled" else ""))
 
 
+@jobs.command("retry")
+@click.argument("job_id")
+@click.option("--wait", is_flag=True, help="wait and print the new job's result as JSON")
+@click.option("--wait-timeout", default=None, type=click.FloatRange(0, None, min_open=True),
+              help="with --wait: give up waiting after this many seconds (the job goes on)")
+@address_option
+@timeout_option
+def jobs_retry(job_id: str, wait: bool, wait_timeout: float | None, address: str, client_timeout: float) -> None:
+    """Run a finished job again as a new job (same script, args and options); print the new id."""
+    with _client(address, client_timeout) as c:
+        _print_or_wait(c.retry(job_id), wait, wait_timeout)
+
+
 @main.command()
 @address_option
 @timeout_option
@@ -289,8 +345,9 @@ def status(address: str, client_timeout: float, as_json: bool) -> None:
         click.echo(json.dumps(st, indent=2))
         return
     counts = st["counts"]
+    leased = f" ({st['leased']} leased after a restart)" if st.get("leased") else ""
     click.echo(f"router {st['endpoint']} (fsync {st['fsync']}): queued {counts['queued']}, scheduled "
-               f"{counts['scheduled']}, running {counts['running']}, finished {counts['finished']}")
+               f"{counts['scheduled']}, running {counts['running']}{leased}, finished {counts['finished']}")
     lg = st.get("log", {})
     if lg.get("syncs"):
         click.echo(f"log: {lg['records']} records in {lg['batches']} batches, {lg['syncs']} fdatasyncs "
@@ -299,8 +356,11 @@ def status(address: str, client_timeout: float, as_json: bool) -> None:
         click.echo("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items())))
     click.echo(f"{len(st['workers'])} worker(s):")
     for w in sorted(st["workers"], key=lambda w: (w["script"] or "", w["name"])):
+        tags = ""
+        if w.get("tags"):
+            tags = f"  tags {','.join(w['tags'])}{' +untagged' if w.get('untagged') else ''}"
         click.echo(f"  {w['name']:40}  {w['script'] or '(any script, cold)':40}  "
-                   f"busy {w['in_flight']}/{w['credit']}")
+                   f"busy {w['in_flight']}/{w['credit']}{tags}")
     if st.get("queued_by_script"):
         click.echo("queued by script:")
         for script, n in sorted(st["queued_by_script"].items()):

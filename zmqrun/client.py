@@ -21,7 +21,7 @@ import zmq
 
 from . import protocol as P
 from .execute import encode_json
-from .model import JobRecord, new_job_id, parse_time
+from .model import MAX_RETRIES, JobRecord, new_job_id, parse_backoff, parse_time, valid_tag
 
 
 _HEADERS = {cmd: P.header(P.CLIENT, cmd) for cmd in (P.C_SUBMIT, P.C_WAIT, P.C_GET, P.C_LIST, P.C_CANCEL,
@@ -186,10 +186,12 @@ def _encode_args(args: Any) -> dict[str, Any]:
 
 
 def job_dict(script: str, args: Any, priority: int, scheduled_for: Any, delay: Any, timeout: float | None,
-             job_id: str | None) -> dict[str, Any]:
+             job_id: str | None, *, retries: int = 0, backoff: Any = None, tag: str | None = None,
+             retry_of: str | None = None) -> dict[str, Any]:
     """One job as sent in a SUBMIT (a new id unless ``job_id``); the options of :meth:`Client.submit`.
 
-    Raises ValueError for a bad script, priority or time, TypeError for args orjson cannot encode.
+    Raises ValueError for a bad script, priority, time, retry count, backoff or tag, TypeError for
+    args orjson cannot encode.
     """
     if not isinstance(script, str) or not script:
         raise ValueError("script must be a non-empty string like package.module:function")
@@ -206,7 +208,29 @@ def job_dict(script: str, args: Any, priority: int, scheduled_for: Any, delay: A
         d["delay"] = _finite_seconds(delay, "delay")
     if timeout is not None:
         d["timeout"] = _finite_seconds(timeout, "timeout")
+    if retries:
+        if type(retries) is not int or not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(f"retries must be an integer from 0 to {MAX_RETRIES}, not {retries!r}")
+        d["retries"] = retries
+    if backoff is not None:
+        d["backoff"] = parse_backoff(backoff)
+    if tag is not None:
+        if not valid_tag(tag):
+            raise ValueError(f"invalid tag {tag!r}: 1-64 characters of A-Z a-z 0-9 _ . : -, starting with a "
+                             f"letter or digit")
+        d["tag"] = tag
+    if retry_of is not None:
+        d["retry_of"] = retry_of
     return d
+
+
+def retry_job_dict(record: JobRecord) -> dict[str, Any]:
+    """A new job (new id) that re-runs the finished job ``record`` with its script, args and options
+    (priority, timeout, tag, retries, backoff), due now.  Raises ValueError unless the job finished."""
+    if record.status not in ("success", "failure", "canceled"):
+        raise ValueError(f"job {record.id} is {record.status}: only a finished job can be retried")
+    return job_dict(record.script, record.args, record.priority, None, None, record.timeout, None,
+                    retries=record.retries, backoff=record.backoff, tag=record.tag, retry_of=record.id)
 
 
 def run_job_dict(script: str, args: Any, opts: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +239,8 @@ def run_job_dict(script: str, args: Any, opts: dict[str, Any]) -> dict[str, Any]
     Raises TypeError for an option submit does not take, else what :func:`job_dict` raises.
     """
     d = job_dict(script, args, opts.pop("priority", 0), opts.pop("scheduled_for", None), opts.pop("delay", None),
-                 opts.pop("timeout", None), opts.pop("job_id", None))
+                 opts.pop("timeout", None), opts.pop("job_id", None), retries=opts.pop("retries", 0),
+                 backoff=opts.pop("backoff", None), tag=opts.pop("tag", None))
     if opts:
         raise TypeError(f"run() got unexpected options: {', '.join(opts)}")
     return d
@@ -301,15 +326,6 @@ def submit_request(job: dict[str, Any]) -> Call:
     return P.C_SUBMIT, {"jobs": [job], "notify": True}, parse
 
 
-def wait_request(ids: list[str]) -> Call:
-    """WAIT for ``ids`` (their outcomes are pushed later); parses to None or raises ZmqrunError for unknown ids."""
-    def parse(body: dict[str, Any]) -> None:
-        if body.get("unknown"):
-            raise ZmqrunError(f"the router does not know job(s) {', '.join(body['unknown'][:5])}")
-
-    return P.C_WAIT, {"ids": ids}, parse
-
-
 def get_request(job_id: str) -> Call:
     """GET of one job; parses to its JobRecord or raises KeyError if the router does not know the id."""
     def parse(body: dict[str, Any]) -> JobRecord:
@@ -354,6 +370,51 @@ def status_request() -> Call:
     return P.C_STATUS, {}, parse
 
 
+# How a client rides out a router restart: a socket monitor counts completed connections (ZMTP
+# handshakes).  A count that grew while a request waits for its answer means the router may have
+# restarted and lost the request: it is sent again (requests are idempotent: a SUBMIT carries its job
+# ids).  A count that grew while results are awaited means the new router does not know who waits:
+# the client asks again (WAIT), and submits again, same ids, jobs sent without an ACK that the new
+# router does not know.
+WAIT_SLICE = 0.5  # seconds a waiting client sleeps at most between checks of its connection
+
+
+class ConnectionWatch:
+    """Counts the connections a DEALER completed (ZMTP handshakes), through a socket monitor.
+
+    :meth:`connections` reads the events queued so far without blocking.  The monitor must be set
+    up before the socket connects (so the first connection counts too).  Not thread-safe.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        endpoint = f"inproc://zmqrun-monitor-{os.getpid()}-{next(self._ids)}-{os.urandom(4).hex()}"
+        sock.monitor(endpoint, zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._sock = sock
+        self._mon = sock.context.socket(zmq.PAIR)
+        self._mon.setsockopt(zmq.LINGER, 0)
+        self._mon.connect(endpoint)
+        self.fd: int = self._mon.FD  # readable (edge-style, as any ZeroMQ socket's) when events may wait
+        self.count = 0
+
+    def connections(self) -> int:
+        """How many connections the socket completed so far (counting the events read now)."""
+        mon = self._mon
+        while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            mon.recv_multipart(zmq.NOBLOCK)
+            self.count += 1
+        return self.count
+
+    def close(self) -> None:
+        """Stop monitoring (call before closing the socket)."""
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._mon.close(0)
+
+
 class Client:
     """A connection to a zmqrun router.
 
@@ -361,6 +422,11 @@ class Client:
     tcp://127.0.0.1:5555).  ``timeout``: seconds to wait for the router to
     answer any request before raising :class:`RouterUnavailable`.  Usable as a
     context manager; :meth:`close` releases the socket.
+
+    Router restarts: a request whose answer was lost with a router that
+    restarted is sent again once the client reconnects (within ``timeout``),
+    and a waiting :meth:`Job.result` (or ``run``, ``map``, ``wait``) asks the
+    new router again, so it completes once the router is back.
     """
 
     def __init__(self, address: str | None = None, timeout: float = 10.0) -> None:
@@ -368,14 +434,18 @@ class Client:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         P.configure_peer_socket(self._sock, peer_identity(), linger_ms=500)
+        self._conn = ConnectionWatch(self._sock)
+        self._seen_conns = 1  # connections counted by _reconnected (the first one is no reconnection)
         self._sock.connect(self.address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._req = itertools.count(1)
         self._replies: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._abandoned: set[int] = set()  # requests sent twice and answered: a second answer is dropped
         self._outcomes: dict[str, dict[str, Any]] = {}
         self._watching: set[str] = set()
-        self._pending_submits: dict[int, str] = {}  # req -> job id of "ack": false submits
+        self._pending_submits: dict[int, list[str]] = {}  # req -> job ids of an "ack": false submit
+        self._noack_jobs: dict[str, dict[str, Any]] = {}  # jobs sent without an ACK, until their outcome
         self._claimed: set[str] = set()  # ids a running wait()/map() will collect: never evicted
         self.max_unclaimed = 100_000  # outcomes kept for jobs nobody waits on yet (oldest evicted first)
         self._arrived: list[str] = []  # ids whose outcome arrived since last cleared (for map)
@@ -387,6 +457,7 @@ class Client:
         """Close the socket (bounded linger: never hangs)."""
         if not self._closed:
             self._closed = True
+            self._conn.close()
             self._sock.close(linger=500)
 
     def __enter__(self) -> "Client":
@@ -396,8 +467,9 @@ class Client:
         self.close()
 
     def _send(self, cmd: int, body: dict[str, Any]) -> None:
-        frames = encode_request(cmd, body)
-        deadline = time.monotonic() + self.timeout
+        self._send_frames(encode_request(cmd, body), time.monotonic() + self.timeout)
+
+    def _send_frames(self, frames: list[bytes], deadline: float) -> None:
         while True:
             try:
                 P.send_frames(self._sock, frames)
@@ -427,12 +499,17 @@ class Client:
                     self._evict_unclaimed()
             elif cmd in (P.R_ACK, P.R_REPLY, P.R_ERROR):
                 req = body.get("req")
-                jid = self._pending_submits.pop(req, None) if isinstance(req, int) else None
-                if jid is not None:
-                    # A reply to an "ack": false submit only comes when the job was refused.
-                    self._outcomes.update(rejected_outcomes([jid], cmd, body))
+                ids = self._pending_submits.pop(req, None) if isinstance(req, int) else None
+                if ids is not None:
+                    # A reply to an "ack": false submit only comes when jobs were refused.
+                    refused = rejected_outcomes(ids, cmd, body)
+                    self._outcomes.update(refused)
+                    self._arrived.extend(refused)
                 elif isinstance(req, int):
-                    self._replies[req] = (cmd, body)
+                    if req in self._abandoned:
+                        self._abandoned.discard(req)  # the second answer of a request sent twice
+                    else:
+                        self._replies[req] = (cmd, body)
                 elif cmd == P.R_ERROR:
                     raise RequestRejected(f"router error: {body.get('error')}")
         return bool(msgs)
@@ -441,29 +518,58 @@ class Client:
         """Drop the oldest outcomes nobody is waiting on, so a producer that never reads results stays bounded."""
         evict_unclaimed(self._outcomes, self._watching, self._claimed, self.max_unclaimed)
 
-    def _request(self, cmd: int, body: dict[str, Any]) -> dict[str, Any]:
+    def _reconnected(self) -> bool:
+        """True if the client completed a new connection since the last call: the router may have
+        restarted, and then no longer knows which outcomes to push to us (``_watching`` is cleared)."""
+        n = self._conn.connections()
+        if n <= self._seen_conns:
+            return False
+        self._seen_conns = n
+        self._watching.clear()
+        return True
+
+    def _request(self, cmd: int, body: dict[str, Any], resend: bool = True) -> dict[str, Any]:
+        """Send a request and return its reply body within the client timeout.
+
+        ``resend``: send it again (same request number) if the client reconnects meanwhile, i.e.
+        the router may have restarted and lost it; only for idempotent requests.
+        """
         req = next(self._req)
         body["req"] = req
-        self._send(cmd, body)
-        return self._await_reply(req)
-
-    def _call(self, call: Call) -> Any:
-        cmd, body, parse = call
-        return parse(self._request(cmd, body))
-
-    def _await_reply(self, req: int) -> dict[str, Any]:
+        frames = encode_request(cmd, body)
         deadline = time.monotonic() + self.timeout
-        while req not in self._replies:
-            left = deadline - time.monotonic()
-            if left <= 0 or (not self._pump(left) and req not in self._replies and time.monotonic() >= deadline):
-                raise no_answer(self.address, self.timeout)
-        return reply_body(*self._replies.pop(req))
+        # Sampled before the send: a reconnection that completes after it may have cost the request.
+        conns = max(self._conn.connections(), 1)
+        self._send_frames(frames, deadline)
+        resent = False
+        try:
+            while req not in self._replies:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise no_answer(self.address, self.timeout)
+                if self._pump(min(left, WAIT_SLICE)) and req in self._replies:
+                    break
+                if resend and self._conn.connections() > conns:
+                    conns = self._conn.count
+                    try:
+                        P.send_frames(self._sock, frames)
+                        resent = True
+                    except zmq.Again:
+                        conns -= 1  # not connected after all: try again at the next check
+            return reply_body(*self._replies.pop(req))
+        finally:
+            if resent:
+                self._abandoned.add(req)
+
+    def _call(self, call: Call, resend: bool = True) -> Any:
+        cmd, body, parse = call
+        return parse(self._request(cmd, body, resend))
 
     # -- jobs -----------------------------------------------------------------------------
 
     def submit(self, script: str, args: dict[str, Any] | None = None, *, priority: int = 0,
                scheduled_for: Any = None, delay: float | None = None, timeout: float | None = None,
-               job_id: str | None = None) -> Job:
+               job_id: str | None = None, retries: int = 0, backoff: Any = None, tag: str | None = None) -> Job:
         """Submit one job; return once the router has made it durable.
 
         ``script``: ``package.module:function`` or ``path/file.py:function``.
@@ -472,15 +578,36 @@ class Client:
         datetime or ISO-8601 string (UTC); ``delay``: seconds from now on the
         router's clock.  ``timeout``: seconds the job may run.  ``job_id``: your
         own id (resubmitting a known id does not create a second job).
+        ``retries``: a failed attempt is run again up to this many times, after
+        ``backoff`` (seconds for a constant wait, or ``"exponential:1,factor=2,max=60,jitter=0.1"``,
+        or a dict: see :func:`zmqrun.model.parse_backoff`; default exponential from 1 s).
+        ``tag``: run only on workers started with ``--tag TAG``.
+
+        The submit is idempotent (the job id is chosen here): if the client
+        reconnects before the router's ACK (a router restart), it sends the same
+        job again, and the router creates no second job.
 
         Raises ``TypeError`` for args orjson cannot encode (nothing is sent),
-        :class:`RequestRejected` if the router refuses the job,
-        :class:`RouterUnavailable` if it does not answer within the timeout.
+        ``ValueError`` for a bad option, :class:`RequestRejected` if the router
+        refuses the job, :class:`RouterUnavailable` if it does not answer within the timeout.
         """
-        d = job_dict(script, args, priority, scheduled_for, delay, timeout, job_id)
+        d = job_dict(script, args, priority, scheduled_for, delay, timeout, job_id, retries=retries,
+                     backoff=backoff, tag=tag)
+        return self._submit_one(d)
+
+    def _submit_one(self, d: dict[str, Any]) -> Job:
         jid = self._call(submit_request(d))
         self._watching.add(jid)
         return Job(jid, self)
+
+    def retry(self, job_id: str) -> Job:
+        """Run a finished job again as a new job (new id, due now) with the same script, args and
+        options (priority, timeout, tag, retries, backoff); its record names the original in ``retry_of``.
+
+        Raises ``KeyError`` for an unknown id, ``ValueError`` if the job has not finished, and what
+        :meth:`submit` raises.
+        """
+        return self._submit_one(retry_job_dict(self.get(job_id)))
 
     def run(self, script: str, args: dict[str, Any] | None = None, *, wait_timeout: float | None = None,
             **opts: Any) -> Any:
@@ -492,27 +619,32 @@ class Client:
         """
         d = run_job_dict(script, args, opts)
         req = next(self._req)
-        self._send(P.C_SUBMIT, noack_submit(req, [d]))
-        self._watching.add(d["id"])
-        self._pending_submits[req] = d["id"]
+        self._noack_jobs[d["id"]] = d
+        self._pending_submits[req] = [d["id"]]
         try:
+            self._send(P.C_SUBMIT, noack_submit(req, [d]))
+            self._watching.add(d["id"])
             return self._wait_results([d["id"]], wait_timeout)[0]
         finally:
             self._pending_submits.pop(req, None)
+            self._noack_jobs.pop(d["id"], None)
 
     def map(self, script: str, iterable: Iterable[dict[str, Any] | None], *, batch_size: int = 1000,
             window: int = 10_000, priority: int = 0, timeout: float | None = None,
-            return_exceptions: bool = False) -> list[Any]:
+            return_exceptions: bool = False, retries: int = 0, backoff: Any = None,
+            tag: str | None = None) -> list[Any]:
         """Run ``script`` once per args dict; return the results in input order.
 
         Pipelined: jobs go out ``batch_size`` per message with up to ``window``
-        jobs in flight, so throughput is not bounded by round trips.  Raises
+        jobs in flight, so throughput is not bounded by round trips.  ``retries``,
+        ``backoff`` and ``tag`` apply to every job (see :meth:`submit`).  Raises
         :class:`JobFailed` for the first failed job unless
         ``return_exceptions`` (then the JobFailed is put in its place), and
         ``TypeError`` for unserializable args before anything is sent.
         """
         check_map_options(batch_size, window)
-        all_jobs = [job_dict(script, a, priority, None, None, timeout, None) for a in iterable]
+        all_jobs = [job_dict(script, a, priority, None, None, timeout, None, retries=retries, backoff=backoff,
+                             tag=tag) for a in iterable]
         ids = [d["id"] for d in all_jobs]
         remaining = set(ids)
         self._watching.update(ids)
@@ -521,6 +653,8 @@ class Client:
             return self._map_loop(all_jobs, ids, remaining, batch_size, window, return_exceptions)
         finally:
             self._claimed.difference_update(ids)
+            for jid in ids:
+                self._noack_jobs.pop(jid, None)
 
     def _map_loop(self, all_jobs: list[dict[str, Any]], ids: list[str], remaining: set[str], batch_size: int,
                   window: int, return_exceptions: bool) -> list[Any]:
@@ -528,6 +662,7 @@ class Client:
         sent = 0
         quiet_since = time.monotonic()
         self._arrived.clear()
+        noack = self._noack_jobs
         while remaining:
             in_flight = sent - (len(ids) - len(remaining))
             while sent < len(all_jobs) and in_flight < window:
@@ -536,20 +671,24 @@ class Client:
                 # No ACK per message: each job's result (sent once it is durable) acknowledges it,
                 # which halves the messages of a per-job pipeline (batch_size=1).
                 self._send(P.C_SUBMIT, noack_submit(req, chunk))
+                for d in chunk:
+                    noack[d["id"]] = d
                 reqs.add(req)
                 sent += len(chunk)
                 in_flight += len(chunk)
-            if self._pump(min(self.timeout, 0.5)):
+            if self._pump(min(self.timeout, WAIT_SLICE)):
                 quiet_since = time.monotonic()
             if self._replies:
                 for req in [r for r in reqs if r in self._replies]:
                     check_submit_reply(reply_body(*self._replies.pop(req)))
             remaining.difference_update(self._arrived)
             self._arrived.clear()
-            if time.monotonic() - quiet_since >= self.timeout:
+            if not remaining:
+                break
+            if self._reconnected() or time.monotonic() - quiet_since >= self.timeout:
                 # Only the jobs already sent: the router does not know the others yet.  Raises
-                # RouterUnavailable if the router is gone.
-                self._check_alive([i for i in ids[:sent] if i in remaining])
+                # RouterUnavailable if the router is gone; submits again jobs a restarted router lost.
+                self._reask([i for i in ids[:sent] if i in remaining])
                 quiet_since = time.monotonic()
         return self._collect(ids, return_exceptions)
 
@@ -561,9 +700,23 @@ class Client:
             out.append(outcome_value(jid, o, return_exceptions))
         return out
 
-    def _check_alive(self, ids: list[str]) -> None:
-        """Re-register interest in unfinished ids; raises RouterUnavailable if the router is silent."""
-        self._call(wait_request([i for i in ids if i not in self._outcomes]))
+    def _reask(self, ids: list[str]) -> None:
+        """Ask the router for unfinished ``ids`` again (WAIT): it pushes the outcomes it has and watches
+        the rest for us.  Jobs this client sent without an ACK that the router does not know (their
+        SUBMIT was lost with a router that restarted) are submitted again, same ids.  Raises
+        RouterUnavailable if the router is silent, ZmqrunError for other ids it does not know."""
+        ids = [i for i in ids if i not in self._outcomes]
+        if not ids:
+            return
+        unknown = self._request(P.C_WAIT, {"ids": ids}).get("unknown") or []
+        lost = [self._noack_jobs[j] for j in unknown if j in self._noack_jobs]
+        if len(lost) < len(unknown):
+            others = [j for j in unknown if j not in self._noack_jobs]
+            raise ZmqrunError(f"the router does not know job(s) {', '.join(others[:5])}")
+        if lost:
+            req = next(self._req)
+            self._pending_submits[req] = [d["id"] for d in lost]
+            self._send(P.C_SUBMIT, noack_submit(req, lost))
 
     def _wait_results(self, ids: list[str], timeout: float | None) -> list[Any]:
         self._claimed.update(ids)
@@ -573,22 +726,28 @@ class Client:
             self._claimed.difference_update(ids)
 
     def _wait_loop(self, ids: list[str], timeout: float | None) -> list[Any]:
+        self._reconnected()
         missing = [i for i in ids if i not in self._outcomes]
         if missing and not all(i in self._watching for i in missing):
-            self._check_alive(missing)
+            self._reask(missing)
             self._watching.update(missing)
         deadline = None if timeout is None else time.monotonic() + timeout
         quiet_since = time.monotonic()
         self._arrived.clear()
         while any(i not in self._outcomes for i in ids):
-            slice_s = self.timeout if deadline is None else min(self.timeout, deadline - time.monotonic())
+            slice_s = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
             if deadline is not None and slice_s <= 0:
                 raise TimeoutError(f"job(s) {', '.join(i for i in ids if i not in self._outcomes)} "
                                    f"not finished within {timeout:g} s")
             if self._pump(slice_s):
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= self.timeout:
-                self._check_alive(ids)  # raises RouterUnavailable if the router is gone
+            if all(i in self._outcomes for i in ids):
+                break
+            if self._reconnected() or time.monotonic() - quiet_since >= self.timeout:
+                # A new connection: the router may have restarted and forgotten that we wait.  A quiet
+                # spell: is the router still there?  Raises RouterUnavailable if it is gone.
+                self._reask(ids)
+                self._watching.update(i for i in ids if i not in self._outcomes)
                 quiet_since = time.monotonic()
         return self._collect(ids, False)
 
@@ -620,8 +779,9 @@ class Client:
         process is killed and started again (see the README, Workers).  A finished job
         is not changed (``canceled`` False, with why).
         """
-        return self._call(cancel_request(job_id, reason))
+        return self._call(cancel_request(job_id, reason), resend=False)
 
     def status(self) -> dict[str, Any]:
-        """Router status: ``workers`` [{name, script, credit, in_flight}], ``counts`` {queued, scheduled, running, finished}."""
+        """Router status: ``workers`` [{name, script, credit, in_flight, tags, untagged}], ``counts`` {queued,
+        scheduled, running, finished}."""
         return self._call(status_request())

@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import os
+import random
 import signal
 import time
 import traceback
@@ -43,8 +44,10 @@ from .joblog import (CANCEL, DEFAULT_SEGMENT_BYTES, DISPATCH, FINISH, REQUEUE, S
                      LogCorruption, Segment)
 from .segindex import SegmentIndex, encode_index, index_name, write_index
 from .snapshot import list_snapshots, load_latest, write_snapshot
-from .model import CANCELED, FINISHED, QUEUED, RUNNING, STATUSES, valid_job_id
-from .queue import Job, JobQueue, WorkerSlot, apply_cancel, apply_lost, apply_result, job_from
+from .model import (CANCELED, DEFAULT_BACKOFF, FINISHED, MAX_RETRIES, QUEUED, RUNNING, STATUSES, SUCCESS,
+                    parse_backoff, valid_job_id, valid_tag)
+from .queue import (Job, JobQueue, WorkerSlot, apply_cancel, apply_lost, apply_result, attempt_open, job_from,
+                    retry_delay)
 from .scripts import ScriptError, split_spec
 
 log = logging.getLogger("zmqrun.router")
@@ -85,9 +88,14 @@ def normalize_job(raw: Any, now: float) -> dict[str, Any]:
     Input keys: ``id`` (str), ``script`` (str), ``args`` (object or null),
     ``priority`` (int), ``scheduled_for`` (epoch seconds or null), ``delay``
     (seconds or null, relative to the router's clock; not both), ``timeout``
-    (seconds or null).  Times must be finite and at most ten years ahead,
-    timeouts at most 30 days.  On the hot path of every submit: ``type(x) is``
-    checks (which also keep bools out of ints) and one compiled regex for the id.
+    (seconds or null), and optionally ``tag`` (str), ``retries`` (int, 0-1000),
+    ``backoff`` (see :func:`zmqrun.model.parse_backoff`; default
+    :data:`zmqrun.model.DEFAULT_BACKOFF` when retries are asked for) and
+    ``retry_of`` (a job id).  Times must be finite and at most ten years ahead,
+    timeouts at most 30 days.  The optional keys appear in the output only when
+    set, so the common job's SUBMIT record stays as small as before.  On the hot
+    path of every submit: ``type(x) is`` checks (which also keep bools out of
+    ints) and one compiled regex for the id.
     """
     if type(raw) is not dict:
         raise BadRequest("each job must be a JSON object")
@@ -124,8 +132,34 @@ def normalize_job(raw: Any, now: float) -> dict[str, Any]:
         raise BadRequest("scheduled_for must be epoch seconds between 1970 and ten years from now")
     if timeout is not None and (not _finite(timeout) or not 0 < timeout <= MAX_TIMEOUT):
         raise BadRequest(f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:.0f}")
-    return {"id": jid, "script": script, "args": args, "priority": priority, "scheduled_for": float(sched),
-            "timeout": timeout, "created_at": now}
+    d = {"id": jid, "script": script, "args": args, "priority": priority, "scheduled_for": float(sched),
+         "timeout": timeout, "created_at": now}
+    if "tag" in raw or "retries" in raw or "backoff" in raw or "retry_of" in raw:
+        _job_options(raw, d)
+    return d
+
+
+def _job_options(raw: dict[str, Any], d: dict[str, Any]) -> None:
+    """Validate the optional job keys of ``raw`` into ``d`` (see :func:`normalize_job`)."""
+    tag, retries, backoff, retry_of = raw.get("tag"), raw.get("retries"), raw.get("backoff"), raw.get("retry_of")
+    if tag is not None:
+        if not valid_tag(tag):
+            raise BadRequest(f"invalid tag {tag!r}: 1-64 characters of A-Z a-z 0-9 _ . : -, starting with a "
+                             f"letter or digit")
+        d["tag"] = tag
+    if retries is not None and retries != 0:
+        if type(retries) is not int or not 0 <= retries <= MAX_RETRIES:
+            raise BadRequest(f"retries must be an integer from 0 to {MAX_RETRIES}")
+        d["retries"] = retries
+    if backoff is not None or retries:
+        try:
+            d["backoff"] = parse_backoff(backoff) if backoff is not None else dict(DEFAULT_BACKOFF)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+    if retry_of is not None:
+        if not valid_job_id(retry_of):
+            raise BadRequest("retry_of must be a job id")
+        d["retry_of"] = retry_of
 
 
 class Router:
@@ -133,7 +167,11 @@ class Router:
 
     ``bind``: a ZeroMQ endpoint (tcp://127.0.0.1:5555, ipc://...).  ``data_dir``:
     where the log lives.  ``heartbeat`` (seconds) x ``liveness`` bounds how long
-    a silent worker is kept.  Raises :class:`zmqrun.joblog.LogCorruption` or
+    a silent worker is kept.  ``max_attempts``: lost attempts (worker gone, lease
+    ended) before a job fails with WorkerLost.  ``recovery_lease``: seconds a job
+    that was running when the router stopped waits, after a restart, for its
+    worker to register again and report it (default heartbeat x liveness + 1 s).
+    Raises :class:`zmqrun.joblog.LogCorruption` or
     :class:`zmqrun.joblog.LogLocked` on start if the log cannot be used.
     """
 
@@ -141,7 +179,8 @@ class Router:
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, retain_days: float | None = None,
-                 retain_bytes: int | None = None, background_checkpoints: bool = True) -> None:
+                 retain_bytes: int | None = None, background_checkpoints: bool = True,
+                 recovery_lease: float | None = None) -> None:
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60) or not 1 <= liveness <= 100:
             raise ValueError("heartbeat must be 0.01 to 60 seconds and liveness 1 to 100")
         self.bind = bind
@@ -150,6 +189,13 @@ class Router:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.max_attempts = max_attempts
+        # After a restart, jobs that were running are leased this long (seconds) to the workers that ran
+        # them: a worker notices the restart, registers again and re-sends its results meanwhile.
+        self.recovery_lease = (heartbeat * liveness + P.RECONNECT_INITIAL if recovery_lease is None
+                               else recovery_lease)
+        if not (math.isfinite(self.recovery_lease) and 0 <= self.recovery_lease <= 3600):
+            raise ValueError("recovery_lease must be 0 to 3600 seconds")
+        self._rng = random.Random()  # retry jitter
         self.max_message_size = max_message_size
         if segment_bytes < 4096:
             raise ValueError("segment_bytes must be at least 4096")
@@ -186,6 +232,7 @@ class Router:
         self.sock: zmq.Socket | None = None
         self.endpoint = bind
         self.stats = collections.Counter()
+        self.late_results = 0  # reports accepted from a worker that registered again (see _results)
 
     # -- recovery -----------------------------------------------------------------------
 
@@ -243,7 +290,10 @@ class Router:
             elif rtype == FINISH:
                 for r in rec["results"]:
                     job = jobs.get(r.get("id")) if isinstance(r, dict) else None
-                    if job is not None and job.status == RUNNING and r.get("attempt") == job.attempts:
+                    # The live path's acceptance rule: the running attempt, or a late report of the
+                    # attempt a job that was put back last ran (see Router._results).
+                    if job is not None and ((job.status == RUNNING and r.get("attempt") == job.attempts)
+                                            or attempt_open(job, r.get("attempt"))):
                         apply_result(job, r)
                         self._archive_replayed(jobs.pop(job.id), seq)
             elif rtype == CANCEL:
@@ -252,10 +302,15 @@ class Router:
                     apply_cancel(job, rec)
                     self._archive_replayed(jobs.pop(job.id), seq)
             elif rtype == REQUEUE:
-                for jid, attempt, reason, *_rest in rec["jobs"]:
+                retry = rec.get("retry")
+                for jid, attempt, reason, *rest in rec["jobs"]:
                     job = jobs.get(jid)
                     if job is not None and job.attempts == attempt:
-                        if rec.get("final"):
+                        if retry:  # [id, attempt, reason, scheduled_for, attempt error]
+                            if job.status == RUNNING or attempt_open(job, attempt):
+                                job.attempt_errors = [*(job.attempt_errors or ()), rest[1]]
+                                job.status, job.worker, job.scheduled_for = QUEUED, None, rest[0]
+                        elif rec.get("final"):
                             apply_lost(job, reason, rec["at"])
                             self._archive_replayed(jobs.pop(job.id), seq)
                         else:
@@ -265,12 +320,16 @@ class Router:
         now = time.time()
         live = sorted(jobs.values(), key=lambda j: j.submit_seq)
         jobs.clear()
-        requeued = 0
+        leased = 0
         for job in live:
-            if job.status == RUNNING:
-                requeued += 1
             job.order = self.queue.next_order()
-            self.queue.add(job, now)
+            if job.status == RUNNING:
+                # Its worker may still be running it or hold its result: leased, not dispatched again,
+                # until the lease ends (then it is queued again, see _beat).
+                leased += 1
+                self.queue.lease(job, now + self.recovery_lease)
+            else:
+                self.queue.add(job, now)
         # Replayed segments that are sealed get their index now; a long replay is cut short next
         # time by a snapshot (which needs a segment boundary, so the active segment is sealed too).
         jlog.start(roll=jlog.replayed_bytes >= self.segment_bytes)
@@ -279,9 +338,10 @@ class Router:
         self._bytes_since_snap = jlog.replayed_bytes
         if self._to_index:
             self._checkpoint(background=False)
-        log.info("recovered from %s and %d log records (%.1f MB): %d live jobs (%d were running, requeued), "
-                 "%d finished", f"snapshot at {after}" if after else "the start of the log", n,
-                 jlog.replayed_bytes / 1e6, len(live), requeued, archive.count())
+        log.info("recovered from %s and %d log records (%.1f MB): %d live jobs (%d were running: leased for "
+                 "%.1f s to their workers, then queued again), %d finished",
+                 f"snapshot at {after}" if after else "the start of the log", n, jlog.replayed_bytes / 1e6,
+                 len(live), leased, self.recovery_lease, archive.count())
 
     def _archive_replayed(self, job: Job, seq: int) -> None:
         self.archive.add(job, seq, self.log.segment_of(seq))
@@ -806,6 +866,8 @@ class Router:
         by = by[:200] if isinstance(by, str) and by else "client " + ident.decode("utf-8", "replace")
         now = time.time()
         rec = {"at": now, "id": job.id, "reason": reason, "by": by, "attempts": job.attempts}
+        if job.attempt_errors:  # the terminal record keeps what the archive shows (see zmqrun.archive)
+            rec["attempt_errors"] = job.attempt_errors
         holder = None
         if job.status == RUNNING:
             holder = next((w for w in self.queue.workers.values() if w.in_flight.get(job.id) == job.attempts), None)
@@ -831,7 +893,9 @@ class Router:
             j.script for j in self.queue.jobs.values() if j.status == QUEUED and j.scheduled_for <= now)
         return {
             "workers": [{"name": w.name, "script": w.script, "credit": w.credit, "in_flight": len(w.in_flight),
-                         "expires_in": round(w.expires_at - mono, 3)} for w in self.queue.workers.values()],
+                         "expires_in": round(w.expires_at - mono, 3), "tags": sorted(t for t in w.tags if t),
+                         "untagged": None in w.tags} for w in self.queue.workers.values()],
+            "leased": len(self.queue.leases), "late_results": self.late_results,
             "counts": counts, "queued_by_script": dict(by_script), "endpoint": self.endpoint,
             "fsync": self.policy.mode, "pid": os.getpid(),
             # Dropped input (malformed, bad requests, stale results) and group commit at work.
@@ -881,48 +945,113 @@ class Router:
         if sup is not None and (not isinstance(sup, str) or not 0 < len(sup.encode()) <= 255
                                 or sup.encode() == ident):
             raise BadRequest("READY supervisor must be the supervisor's routing id (1-255 bytes) or null")
+        tags = msg.get("tags") or []
+        if type(tags) is not list or len(tags) > 64 or not all(valid_tag(t) for t in tags):
+            raise BadRequest("READY tags must be a list of at most 64 tags")
+        untagged = msg.get("untagged", not tags)
+        wtags = frozenset(tags) | ({None} if untagged else frozenset())
+        if not wtags:
+            raise BadRequest("READY without tags must take untagged jobs")
         if ident in self.queue.workers:
             self._lose_worker(ident, "worker re-registered")
         name = str(msg.get("name") or ident.decode("utf-8", "replace"))[:200]
-        slot = WorkerSlot(ident, name, script, credit, float(beat), time.monotonic() + beat * self.liveness)
+        slot = WorkerSlot(ident, name, script, credit, float(beat), time.monotonic() + beat * self.liveness,
+                          tags=wtags)
         if sup is not None:
             # Its supervisor's heartbeats now keep this worker alive (a previous child of the same
             # supervisor, if still listed, is no longer refreshed and expires by itself).
             slot.supervisor = sup.encode()
             self._supervised[slot.supervisor] = ident
         self.queue.add_worker(slot)
-        log.info("worker %s ready: %s, credit %d", name, script or "any script (cold path)", credit)
+        log.info("worker %s ready: %s, credit %d%s", name, script or "any script (cold path)", credit,
+                 f", tags {', '.join(sorted(tags))}{' and untagged jobs' if untagged else ''}" if tags else "")
         self._dirty = True
 
     def _results(self, w: WorkerSlot, body: bytes) -> None:
+        """A worker's RESULT batch: record each report that settles a job's current attempt, drop the rest.
+
+        A report settles an attempt if the worker holds the job in its slots with that attempt, or
+        if no slot holds the job and the attempt is still open (:meth:`JobQueue.settle`): a job
+        leased after a router restart, or put back in the queue when its worker was lost and not
+        dispatched again since.  That is how a worker that registers again after a restart (or
+        after being declared lost) reports what it finished meanwhile.  A failed attempt of a job
+        with retries left goes back to the queue after its backoff (a REQUEUE record with
+        ``"retry": true``, written before the FINISH record, holds its error); its waiting clients
+        hear nothing until the job's last attempt ends.  The batch number the worker gives is
+        acknowledged once the log is durable up to here (in the next JOBS or HEARTBEAT), so the
+        worker can forget those results.
+        """
         msg = orjson.loads(body)
         results = msg.get("results") if isinstance(msg, dict) else None
         if not isinstance(results, list):
             raise BadRequest("RESULT body must be {\"results\": [...]}")
-        if msg.get("worker") != w.name:  # the body is logged as is: make it name the registered worker
-            body = orjson.dumps({**msg, "worker": w.name})
-        jobs, in_flight = self.queue.jobs, w.in_flight
+        queue = self.queue
+        jobs, in_flight = queue.jobs, w.in_flight
         done: list[tuple[Job, dict[str, Any]]] = []
+        retried: list[tuple[Job, dict[str, Any], float]] = []
         for r in results:
             jid = r.get("id") if type(r) is dict else None
             attempt = in_flight.get(jid) if type(jid) is str else None
-            job = jobs.get(jid) if attempt is not None else None
-            if job is None or r.get("attempt") != attempt or job.attempts != attempt or job.status != RUNNING:
-                if job is None and attempt is not None and r.get("attempt") == attempt:
-                    # Finished here meanwhile (canceled while running): the worker is done with it,
-                    # so its credit comes back.
-                    del in_flight[jid]
-                    self._dirty = True
-                self.stats["stale_results"] += 1  # a late result of an older attempt: drop it
-                continue
-            del in_flight[jid]
-            done.append((job, apply_result(job, r)))
-        if not done:
-            return
-        # The worker's body is logged as is (no re-encode); replay applies the same attempt check.
-        self._relog_submits([job for job, _out in done])
-        self._finish_batch(done, self.log.append(FINISH, body))
-        self._dirty = True
+            if attempt is not None:
+                job = jobs.get(jid)
+                if job is None or r.get("attempt") != attempt or job.attempts != attempt or job.status != RUNNING:
+                    if job is None and r.get("attempt") == attempt:
+                        # Finished here meanwhile (canceled while running): the worker is done with it,
+                        # so its credit comes back.
+                        del in_flight[jid]
+                        self._dirty = True
+                    self.stats["stale_results"] += 1  # a late result of an older attempt: drop it
+                    continue
+                del in_flight[jid]
+            else:
+                job = jobs.get(jid) if type(jid) is str else None
+                if job is None or not queue.settle(job, r.get("attempt")):
+                    self.stats["stale_results"] += 1
+                    continue
+                self.late_results += 1
+            if job.retries and r.get("status") != SUCCESS:
+                delay = retry_delay(job, r.get("error"), self._rng.random())
+                if delay is not None:
+                    retried.append((job, r, delay))
+                    continue
+            done.append((job, r))
+        if retried:
+            self._retry(retried, w.name)  # not terminal: no SUBMIT is logged again for these
+        if done:
+            if msg.get("worker") != w.name or any(job.attempt_errors for job, _ in done):
+                # The body is logged as is unless it must name the registered worker, or a job that was
+                # retried ends here: its terminal record carries its earlier attempts' errors.
+                for job, r in done:
+                    if job.attempt_errors:
+                        r["attempt_errors"] = job.attempt_errors
+                body = orjson.dumps({**msg, "worker": w.name})
+            self._relog_submits([job for job, _r in done])
+            # Replay applies the same acceptance rules to this record (see recover()).
+            seq = self.log.append(FINISH, body)
+            self._finish_batch([(job, apply_result(job, r)) for job, r in done], seq)
+        if done or retried:
+            self._dirty = True
+        batch = msg.get("batch")
+        if type(batch) is int:
+            w.acks.append((self.log.last_seq, batch))
+
+    def _retry(self, retried: list[tuple[Job, dict[str, Any], float]], worker: str) -> None:
+        """Put failed attempts back in the queue after their backoff; record their errors (REQUEUE "retry")."""
+        now = time.time()
+        entries = []
+        for job, r, delay in retried:
+            err = r.get("error")
+            if type(err) is not dict:
+                err = {"type": "WorkerError", "message": "malformed error report", "traceback": ""}
+            failed = {"attempt": job.attempts, "error": err, "started_at": r.get("started_at") or job.started_at,
+                      "finished_at": r.get("finished_at") or now, "worker": worker}
+            errors = [*(job.attempt_errors or ()), failed]
+            reason = f"{err.get('type')}: retry {len(errors)} of {job.retries} in {delay:.3g} s"
+            entries.append([job.id, job.attempts, reason, now + delay, failed])
+            job.attempt_errors = errors
+            self.queue.retry(job, now + delay, now)
+            log.info("job %s attempt %d failed (%s)", job.id, job.attempts, reason)
+        self.log.append(REQUEUE, orjson.dumps({"at": now, "retry": True, "jobs": entries}))
 
     def _relog_submits(self, jobs: list[Job]) -> None:
         """Before a terminal record: jobs whose SUBMIT record retention removed while they were live (the
@@ -1024,30 +1153,50 @@ class Router:
                 for j in fresh:
                     j.attempts -= 1
                 self._dirty = True
-        if not back:
-            return
-        final = [j for j in back if j.attempts >= self.max_attempts]
-        again = [j for j in back if j.attempts < self.max_attempts]
-        why = f"{reason} ({w.name})"
+        if back:
+            self._put_back([(j, w.name) for j in back], reason, now)
+
+    def _put_back(self, back: list[tuple[Job, str | None]], reason: str, now: float) -> None:
+        """Jobs whose attempt ended without a report (lost worker, ended lease), already queued again:
+        log it, or fail them with WorkerLost once ``max_attempts`` such attempts were lost (attempts
+        that failed and were retried do not count)."""
+        final = [(j, name) for j, name in back if j.attempts - len(j.attempt_errors or ()) >= self.max_attempts]
+        again = [(j, name) for j, name in back if j.attempts - len(j.attempt_errors or ()) < self.max_attempts]
         if again:
-            self.log.append(REQUEUE, orjson.dumps({"at": now, "jobs": [[j.id, j.attempts, why] for j in again]}))
-            log.warning("%s: %d running job(s) back to the queue", why, len(again))
+            self.log.append(REQUEUE, orjson.dumps({"at": now, "jobs": [[j.id, j.attempts, f"{reason} ({name})"]
+                                                                        for j, name in again]}))
+            log.warning("%s (%s): %d running job(s) back to the queue", reason,
+                        ", ".join(sorted({str(name) for _, name in again})), len(again))
         if final:
-            self._relog_submits(final)
+            self._relog_submits([j for j, _name in final])
             seq = self.log.append(REQUEUE, orjson.dumps(
-                {"at": now, "final": True, "jobs": [[j.id, j.attempts, why, w.name, j.started_at] for j in final]}))
-            for j in final:
-                apply_lost(j, why, now)
-            self._finish_batch([(j, None) for j in final], seq)
+                {"at": now, "final": True, "jobs": [[j.id, j.attempts, f"{reason} ({name})", name, j.started_at,
+                                                     *([j.attempt_errors] if j.attempt_errors else [])]
+                                                    for j, name in final]}))
+            for j, name in final:
+                apply_lost(j, f"{reason} ({name})", now)
+            self._finish_batch([(j, None) for j, _ in final], seq)
         self._dirty = True
+
+    def _take_ack(self, w: WorkerSlot) -> int | None:
+        """The newest RESULT batch of ``w`` whose records are durable, if any not yet acknowledged."""
+        acks, durable = w.acks, self.log.durable_seq
+        acked = None
+        while acks and acks[0][0] <= durable:
+            acked = acks.popleft()[1]
+        return acked
 
     def _dispatch(self, now: float) -> None:
         for w, jobs in self.queue.dispatch(now):
             self.log.append(DISPATCH, orjson.dumps(
                 {"at": now, "worker": w.name, "jobs": [[j.id, j.attempts] for j in jobs]}))
-            body = orjson.dumps({"jobs": [{"id": j.id, "attempt": j.attempts, "script": j.script, "args": j.args,
-                                           "timeout": j.timeout} for j in jobs]})
-            if not self._send(w.identity, [P.H_JOBS, body]):
+            msg: dict[str, Any] = {"jobs": [{"id": j.id, "attempt": j.attempts, "script": j.script, "args": j.args,
+                                             "timeout": j.timeout} for j in jobs]}
+            if w.acks:
+                acked = self._take_ack(w)
+                if acked is not None:
+                    msg["acked"] = acked
+            if not self._send(w.identity, [P.H_JOBS, orjson.dumps(msg)]):
                 self._unreachable(w)
 
     def _beat(self, mono: float) -> None:
@@ -1055,8 +1204,22 @@ class Router:
             if w.expires_at < mono:
                 self._lose_worker(ident, "worker missed heartbeats")
                 log.warning("worker %s expired (no heartbeat for %.1f s)", w.name, w.heartbeat * self.liveness)
-            elif not self._send(ident, [P.H_R_HEARTBEAT]):
+                continue
+            frames = [P.H_R_HEARTBEAT]
+            if w.acks:  # results the log now holds durably: the worker may forget them
+                acked = self._take_ack(w)
+                if acked is not None:
+                    frames.append(b'{"acked":%d}' % acked)
+            if not self._send(ident, frames):
                 self._unreachable(w)
+        if self.queue.leases:
+            now = time.time()
+            ended = self.queue.expire_leases(now)
+            if ended:
+                back = [(j, j.worker) for j in ended]
+                for j in ended:
+                    j.worker = None
+                self._put_back(back, "router restarted and no worker reported the job within its lease", now)
 
     def _unreachable(self, w: WorkerSlot) -> None:
         """A send to ``w`` found its connection gone.  A supervised worker's process was just killed or

@@ -54,6 +54,7 @@ import zmq
 
 from . import protocol as P
 from .board import JobBoard, SlotState
+from .model import valid_tag
 
 log = logging.getLogger("zmqrun.supervisor")
 
@@ -83,13 +84,20 @@ class Supervisor:
 
     def __init__(self, connect: str, script: str, concurrency: int = 1, prefetch: int | None = None,
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
-                 name: str | None = None, timeout: float | None = None, log_level: str = "info") -> None:
+                 name: str | None = None, timeout: float | None = None, log_level: str = "info",
+                 tags: tuple[str, ...] = (), untagged: bool | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60):
             raise ValueError(f"heartbeat must be 0.01 to 60 seconds, not {heartbeat!r}")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        bad = [t for t in tags if not valid_tag(t)]
+        if bad:
+            raise ValueError(f"invalid tag {bad[0]!r}: 1-64 characters of A-Z a-z 0-9 _ . : -, starting with a "
+                             f"letter or digit")
+        self.tags = list(dict.fromkeys(tags))  # job tags the child takes (worker groups)
+        self.untagged = not self.tags if untagged is None else untagged
         self.connect = connect
         self.script = script
         self.concurrency = concurrency
@@ -153,7 +161,7 @@ class Supervisor:
                "prefetch": self.prefetch, "heartbeat": self.heartbeat, "liveness": self.liveness,
                "name": self.name, "identity": self.child_identity, "supervisor": self.identity.decode(),
                "timeout": self.timeout, "board_fd": self.board.fd, "parent_pid": os.getpid(),
-               "log_level": self.log_level}
+               "log_level": self.log_level, "tags": self.tags, "untagged": self.untagged}
         self.child = subprocess.Popen([sys.executable, "-m", "zmqrun._warmchild", orjson.dumps(cfg).decode()],
                                       pass_fds=(self.board.fd,), stdin=subprocess.DEVNULL, start_new_session=True)
         self._child_started = time.monotonic()

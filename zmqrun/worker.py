@@ -2,11 +2,18 @@
 
 Protocol (Majordomo worker side, ZeroMQ Guide ch. 4; Paranoid Pirate
 heartbeating, 6/PPP): the worker connects a DEALER, sends READY with its script
-(or none: any script) and its credit (free slots = concurrency + prefetch), then
-receives JOBS batches and answers with RESULT batches; each result returns one
-credit.  Heartbeats flow both ways; a router silent for heartbeat x liveness
-seconds, or a DISCONNECT from it, makes the worker close its socket, back off
-(1 s doubling to 32 s, with jitter) and register again.
+(or none: any script), its tags and its credit (free slots = concurrency +
+prefetch), then receives JOBS batches and answers with RESULT batches; each
+result returns one credit.  Heartbeats flow both ways; a router silent for
+heartbeat x liveness seconds, or a DISCONNECT from it, makes the worker close
+its socket, back off (1 s doubling to 32 s, with jitter) and register again.
+
+Result retention: every RESULT batch is numbered and kept until the router
+acknowledges it (``"acked": n`` in a JOBS or HEARTBEAT body, sent once the log
+holds the batch durably).  After registering again (the router restarted, or
+dropped this worker), the worker re-sends every result not acknowledged yet, so
+jobs it finished while the router was down are reported, not run again; the
+router drops reports it already has (by job id and attempt).
 
 Execution:
 - Dedicated (``zmqrun worker --dedicated``): this :class:`Worker` runs in the
@@ -50,6 +57,7 @@ import zmq
 from . import protocol as P
 from .board import JobBoard
 from .execute import error_report, install_capture, run_captured
+from .model import valid_tag
 from .scripts import load_function
 
 log = logging.getLogger("zmqrun.worker")
@@ -60,6 +68,10 @@ RESULT_FLUSH_SECONDS = 0.002  # ... or after this long, whichever comes first
 # costs dominate a fast job (measured: map throughput 45k jobs/s at 32, 80k at 256);
 # --prefetch 0 suits long jobs that should spread across workers.
 DEFAULT_DEDICATED_PREFETCH = 256
+# Bytes of results kept for re-sending until the router acknowledges them (it does within a heartbeat);
+# past this the oldest batches are dropped (the newest is always kept), and the router re-runs those
+# jobs if it never got them.
+MAX_UNACKED_BYTES = 256 * 1024 * 1024
 
 
 def _result_bytes(job: dict[str, Any], frag: bytes, started: float, finished: float, logs: str) -> bytes:
@@ -154,6 +166,9 @@ class Worker:
     enforced on the cold path and, for a dedicated worker, by its supervisor.
     ``board``, ``identity``, ``supervisor``: set by :mod:`zmqrun.supervisor` for
     its child (the shared job board, this child's routing id, the supervisor's).
+    ``tags``: the job tags this worker takes (worker groups); ``untagged``: whether it
+    also takes untagged jobs (default: only when it has no tags).  Raises
+    ValueError for an invalid tag.
     Raises :class:`zmqrun.scripts.ScriptError` from :meth:`start` if the script
     cannot be imported (before READY).
     """
@@ -162,7 +177,7 @@ class Worker:
                  prefetch: int | None = None, heartbeat: float = P.HEARTBEAT_INTERVAL,
                  liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None, timeout: float | None = None,
                  board: JobBoard | None = None, identity: str | None = None,
-                 supervisor: str | None = None) -> None:
+                 supervisor: str | None = None, tags: tuple[str, ...] = (), untagged: bool | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60):
@@ -190,7 +205,17 @@ class Worker:
         self._cancel_ids: set[str] = set()  # cold path: canceled while running or starting
         self._slot_of = threading.local()  # pool threads: their board slot
         self._slots_taken = itertools.count()
-        self._result_prefix = b'{"worker":' + orjson.dumps(self.name[:200]) + b',"results":['
+        self._result_prefix = (b'{"worker":' + orjson.dumps(self.name[:200]).replace(b"%", b"%%")
+                               + b',"batch":%d,"results":[')
+        bad = [t for t in tags if not valid_tag(t)]
+        if bad:
+            raise ValueError(f"invalid tag {bad[0]!r}: 1-64 characters of A-Z a-z 0-9 _ . : -, starting with a "
+                             f"letter or digit")
+        self.tags = list(dict.fromkeys(tags))  # job tags this worker takes (worker groups)
+        self.untagged = not self.tags if untagged is None else untagged  # ... and untagged jobs?
+        self._batch = 0  # RESULT messages numbered for the router's acknowledgements
+        self._unacked: collections.deque[tuple[int, list[bytes], int]] = collections.deque()  # (n, results, bytes)
+        self._unacked_bytes = 0
         self.func: Callable[..., Any] | None = None
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
@@ -287,9 +312,13 @@ class Worker:
         'disconnect' (the router asked us to re-register) or 'went silent'."""
         self.sock = sock = self._open()
         self._pending.clear()
-        self._results.clear()
+        # Results the last router never acknowledged go out again right after READY.
+        self._results = [r for _, batch, _ in self._unacked for r in batch] + self._results
+        self._unacked.clear()
+        self._unacked_bytes = 0
         ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
-                              "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor})
+                              "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor,
+                              "tags": self.tags, "untagged": self.untagged})
         # IMMEDIATE=1: READY waits until a connection to the router exists.
         started, next_warning = time.monotonic(), 5.0
         while self._running and not sock.poll(100, zmq.POLLOUT):
@@ -303,6 +332,9 @@ class Worker:
         self._sock_lock.acquire()
         try:
             self._send([P.H_W_READY, ready])
+            if self._results:
+                log.info("re-sending %d result(s) the router has not acknowledged", len(self._results))
+                self._flush()
             log.info("worker %s registered with %s: %s, credit %d", self.name, self.connect,
                      self.script or "any script (cold path)", self.credit)
             return self._serve(sock)
@@ -375,7 +407,15 @@ class Worker:
             return None
         cmd = frames[0][4]
         if cmd == P.R_JOBS:
-            self._pending.extend(orjson.loads(frames[1])["jobs"])
+            msg = orjson.loads(frames[1])
+            self._pending.extend(msg["jobs"])
+            if "acked" in msg:
+                self._acked(msg["acked"])
+        elif cmd == P.R_HEARTBEAT:
+            if len(frames) > 1 and frames[1]:
+                msg = orjson.loads(frames[1])
+                if isinstance(msg, dict):
+                    self._acked(msg.get("acked"))
         elif cmd == P.R_DISCONNECT:
             return "disconnect"
         elif cmd == P.R_CANCEL:
@@ -387,8 +427,16 @@ class Worker:
     def _flush(self) -> None:
         if self._results:
             # The worker's name rides along so the router can log this body as is (the archive needs it).
-            body = self._result_prefix + b",".join(self._results) + b"]}"
-            self._results.clear()
+            results, self._results = self._results, []
+            self._batch += 1
+            body = self._result_prefix % self._batch + b",".join(results) + b"]}"
+            # Kept until acknowledged, sent or not (with no router connected the send is dropped).
+            self._unacked.append((self._batch, results, len(body)))
+            self._unacked_bytes += len(body)
+            while self._unacked_bytes > MAX_UNACKED_BYTES and len(self._unacked) > 1:
+                self._unacked_bytes -= self._unacked.popleft()[2]
+                log.warning("over %d bytes of results not acknowledged by the router: dropped the oldest",
+                            MAX_UNACKED_BYTES)
             self._send([P.H_W_RESULT, body])
 
     def _on_cancel(self, msg: Any) -> None:
@@ -432,6 +480,14 @@ class Worker:
             self._results.append(canceled_result(job, "canceled before it started"))
             return True
         return False
+
+    def _acked(self, batch: Any) -> None:
+        """The router holds every RESULT batch up to number ``batch`` durably: forget those results."""
+        if type(batch) is not int:
+            return
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= batch:
+            self._unacked_bytes -= unacked.popleft()[2]
 
     # -- execution ------------------------------------------------------------------------
 
