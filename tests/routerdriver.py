@@ -85,6 +85,14 @@ class Driver:
         self.sock.sent.clear()
         return ok
 
+    def run(self, n: int) -> None:
+        """``n`` rounds of: submit one job, commit, the worker reports what it holds, commit."""
+        for _ in range(n):
+            self.submit(1)
+            self.tick()
+            self.work()
+            self.tick()
+
     def close(self) -> None:
         if self.router._child is not None:
             self.router._reap_child(block=True)

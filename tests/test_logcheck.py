@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 from click.testing import CliRunner
+from crashfs import NoSyncFS
 from routerdriver import Driver
 
 from zmqrun import joblog, logcheck, segindex, snapshot
@@ -23,20 +24,6 @@ from zmqrun.joblog import FINISH, SUBMIT, FsyncPolicy, JobLog, LogCorruption
 from zmqrun.router import Router
 
 SEGMENT_BYTES = 4096
-
-
-class NoSyncFS(RealFS):
-    """The real file calls without fdatasync/fsync: recovery logic is under test here, not the disk
-    (thousands of recoveries in a few seconds)."""
-
-    def fdatasync(self, fd: int) -> None:
-        pass
-
-    def fsync_dir(self, path: Path) -> None:
-        pass
-
-    def truncate(self, path: Path, size: int) -> None:
-        os.truncate(path, size)
 
 
 @dataclass
@@ -602,14 +589,8 @@ def test_junk_after_the_last_batch_of_a_sealed_segment_is_cut_when_the_next_segm
         tmp_path: Path) -> None:
     """Zeros or garbage appended to a sealed segment hide no record when the next segment starts at the
     next sequence number: the router truncates them (with a warning) instead of refusing, and check agrees."""
-    from routerdriver import Driver
-
     d = Driver(tmp_path / "data", segment_bytes=4096)
-    for _ in range(120):
-        d.submit(1)
-        d.tick()
-        d.work()
-        d.tick()
+    d.run(120)
     d.close()
     segs = sorted((tmp_path / "data").glob("seg-*.log"))
     assert len(segs) >= 4
@@ -632,11 +613,7 @@ def test_repair_removes_a_snapshot_that_does_not_match_the_log(tmp_path: Path) -
     """A snapshot copied from another data dir (no segment starts right after it) makes the router refuse;
     repair removes it (and CURRENT follows) instead of saying there is nothing to repair."""
     d = Driver(tmp_path / "data", segment_bytes=4096)
-    for _ in range(120):
-        d.submit(1)
-        d.tick()
-        d.work()
-        d.tick()
+    d.run(120)
     d.close()
     data = tmp_path / "data"
     newest = max(snapshot.list_snapshots(RealFS(), data))

@@ -194,11 +194,7 @@ def test_a_damaged_archived_job_gets_one_error_line_and_the_router_keeps_serving
     from zmqrun import protocol as P
 
     d = Driver(tmp_path, segment_bytes=4096)
-    for _ in range(200):
-        d.submit(1)
-        d.tick()
-        d.work()
-        d.tick()
+    d.run(200)
     d.close()
     first_id = "job-00001-0"
     assert first_id in d.finished
