@@ -366,7 +366,7 @@ class Router:
         at_boundary = segs[-1] is jlog.segments[-2] and segs[-1].last_seq == jlog.last_seq
         snap_seq = segs[-1].last_seq if at_boundary and self._bytes_since_snap >= self._snap_bytes else None
         entries = [self.archive.entries_of(seg) for seg in segs]
-        if background if background is not None else self.background_checkpoints:
+        if self.background_checkpoints if background is None else background:
             parent = os.getpid()
             t0 = (time.perf_counter(), time.thread_time())
             pid = os.fork()
