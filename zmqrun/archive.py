@@ -61,6 +61,24 @@ class Archive:
         if job.submit_seq < self._open_min.get(first, end_seq + 1):
             self._open_min[first] = job.submit_seq
 
+    def add_batch(self, jobs: list[Job], end_seq: int) -> None:
+        """:meth:`add` for jobs that share one terminal record in the active segment (the router's hot path:
+        one dict lookup per batch instead of per job)."""
+        first = self.log.segments[-1].first_seq
+        entries = self.open.get(first)
+        if entries is None:
+            entries = self.open[first] = {}
+        recent = self.recent
+        low = end_seq + 1
+        for job in jobs:
+            jid, sub = job.id, job.submit_seq
+            recent[jid] = job
+            entries[jid] = (sub, end_seq)
+            if sub < low:
+                low = sub
+        if low < self._open_min.get(first, end_seq + 1):
+            self._open_min[first] = low
+
     def trim(self) -> None:
         """Drop the oldest full jobs beyond ``recent_max`` (call after the log flush: they are on disk then)."""
         recent = self.recent

@@ -1074,10 +1074,10 @@ class Router:
         module docstring.
         """
         by_client: dict[bytes, tuple[int, list[dict[str, Any]]]] = {}
-        forget, archive = self.queue.remove, self.archive.add
+        self.archive.add_batch([job for job, _out in done], end_seq)
+        forget = self.queue.remove
         for job, out in done:
             forget(job.id)
-            archive(job, end_seq)
             if job.watchers:
                 if out is None:
                     out = job.outcome()
