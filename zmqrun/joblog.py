@@ -420,8 +420,8 @@ class Segment:
         b = self.batches
         if not b:
             return None
-        firsts = b[0::2]
-        i = bisect.bisect_right(firsts, seq) - 1
+        # Bisect the pairs in place (no copy of a table that can hold ~500k batches).
+        i = bisect.bisect_right(range(len(b) // 2), seq, key=lambda k: b[2 * k]) - 1
         return (b[2 * i], b[2 * i + 1]) if i >= 0 else None
 
 

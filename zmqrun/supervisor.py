@@ -39,7 +39,6 @@ busy is never declared dead, however long its job runs.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import signal
@@ -54,7 +53,7 @@ import zmq
 
 from . import protocol as P
 from .board import JobBoard, SlotState
-from .model import valid_tag
+from .worker import check_worker_options
 
 log = logging.getLogger("zmqrun.supervisor")
 
@@ -86,18 +85,7 @@ class Supervisor:
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
                  name: str | None = None, timeout: float | None = None, log_level: str = "info",
                  tags: tuple[str, ...] = (), untagged: bool | None = None) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60):
-            raise ValueError(f"heartbeat must be 0.01 to 60 seconds, not {heartbeat!r}")
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        bad = [t for t in tags if not valid_tag(t)]
-        if bad:
-            raise ValueError(f"invalid tag {bad[0]!r}: 1-64 characters of A-Z a-z 0-9 _ . : -, starting with a "
-                             f"letter or digit")
-        self.tags = list(dict.fromkeys(tags))  # job tags the child takes (worker groups)
-        self.untagged = not self.tags if untagged is None else untagged
+        self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
         self.connect = connect
         self.script = script
         self.concurrency = concurrency

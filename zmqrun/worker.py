@@ -155,6 +155,24 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
+
+def check_worker_options(concurrency: int, heartbeat: float, timeout: float | None, tags: tuple[str, ...],
+                         untagged: bool | None) -> tuple[list[str], bool]:
+    """Validate the options a worker and its supervisor share; return (tags without repeats, whether
+    untagged jobs are taken too: by default only when there is no tag).  Raises ValueError."""
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60):
+        raise ValueError(f"heartbeat must be 0.01 to 60 seconds, not {heartbeat!r}")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    bad = [t for t in tags if not valid_tag(t)]
+    if bad:
+        raise ValueError(f"invalid tag {bad[0]!r}: 1-64 characters of A-Z a-z 0-9 _ . : -, starting with a "
+                         f"letter or digit")
+    unique = list(dict.fromkeys(tags))  # job tags the worker takes (worker groups)
+    return unique, (not unique if untagged is None else untagged)
+
 class Worker:
     """One worker process's runtime.
 
@@ -178,12 +196,7 @@ class Worker:
                  liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None, timeout: float | None = None,
                  board: JobBoard | None = None, identity: str | None = None,
                  supervisor: str | None = None, tags: tuple[str, ...] = (), untagged: bool | None = None) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60):
-            raise ValueError(f"heartbeat must be 0.01 to 60 seconds, not {heartbeat!r}")
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
         self.connect = connect
         self.script = script
         self.concurrency = concurrency
@@ -207,12 +220,6 @@ class Worker:
         self._slots_taken = itertools.count()
         self._result_prefix = (b'{"worker":' + orjson.dumps(self.name[:200]).replace(b"%", b"%%")
                                + b',"batch":%d,"results":[')
-        bad = [t for t in tags if not valid_tag(t)]
-        if bad:
-            raise ValueError(f"invalid tag {bad[0]!r}: 1-64 characters of A-Z a-z 0-9 _ . : -, starting with a "
-                             f"letter or digit")
-        self.tags = list(dict.fromkeys(tags))  # job tags this worker takes (worker groups)
-        self.untagged = not self.tags if untagged is None else untagged  # ... and untagged jobs?
         self._batch = 0  # RESULT messages numbered for the router's acknowledgements
         self._unacked: collections.deque[tuple[int, list[bytes], int]] = collections.deque()  # (n, results, bytes)
         self._unacked_bytes = 0
