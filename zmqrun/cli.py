@@ -80,10 +80,15 @@ def main() -> None:
 @click.option("--recovery-lease", default=None, type=click.FloatRange(0, 3600),
               help="after a restart, seconds jobs that were running wait for their worker to report them "
                    "before they are queued again [default: heartbeat x liveness + 1]")
+@click.option("--sndhwm", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
+              help="send high-water mark per peer in messages (0: none); a full peer's messages wait in the router")
+@click.option("--max-message-mb", default=P.MAX_MESSAGE_SIZE / 2**20, show_default=True,
+              type=click.FloatRange(0.001, 4096),
+              help="largest message accepted (MiB); a peer that sends a larger one is disconnected")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
            segment_mb: float, retain_days: float | None, retain_mb: float | None, recovery_lease: float | None,
-           log_level: str) -> None:
+           sndhwm: int, max_message_mb: float, log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
 
@@ -95,7 +100,8 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
         code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts,
                           segment_bytes=max(4096, int(segment_mb * 1024 * 1024)), retain_days=retain_days,
                           retain_bytes=int(retain_mb * 1024 * 1024) if retain_mb else None,
-                          recovery_lease=recovery_lease)
+                          recovery_lease=recovery_lease, sndhwm=sndhwm,
+                          max_message_size=int(max_message_mb * 2**20))
     except (LogCorruption, DataDirError, OSError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)

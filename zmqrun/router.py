@@ -53,6 +53,8 @@ from .scripts import ScriptError, split_spec
 log = logging.getLogger("zmqrun.router")
 
 DEFAULT_MAX_ATTEMPTS = 3
+BACKLOG_RETRY = 0.005  # seconds between retries of messages held for peers at their HWM
+MAX_BACKLOG = 1_000_000  # messages held per peer at its HWM; beyond that the oldest are dropped (counted)
 _MORE, _LAST = P.MORE_NOBLOCK, P.NOBLOCK
 MAX_DRAIN = 5000  # messages handled per wake-up before the loop services the log and timers
 FAILED_GRACE = 1.0  # seconds a router whose log failed answers requests with the error before it exits
@@ -171,6 +173,8 @@ class Router:
     ended) before a job fails with WorkerLost.  ``recovery_lease``: seconds a job
     that was running when the router stopped waits, after a restart, for its
     worker to register again and report it (default heartbeat x liveness + 1 s).
+    ``sndhwm``: the ROUTER socket's SNDHWM in messages per peer (0: none, the default; a peer whose
+    queue is full makes sends wait in the router's own per-peer backlog, never dropped).
     Raises :class:`zmqrun.joblog.LogCorruption` or
     :class:`zmqrun.joblog.LogLocked` on start if the log cannot be used.
     """
@@ -180,7 +184,7 @@ class Router:
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, retain_days: float | None = None,
                  retain_bytes: int | None = None, background_checkpoints: bool = True,
-                 recovery_lease: float | None = None) -> None:
+                 recovery_lease: float | None = None, sndhwm: int = 0) -> None:
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60) or not 1 <= liveness <= 100:
             raise ValueError("heartbeat must be 0.01 to 60 seconds and liveness 1 to 100")
         self.bind = bind
@@ -225,6 +229,11 @@ class Router:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._gated: collections.deque[tuple[int, bytes, list[bytes]]] = collections.deque()
+        if not 0 <= sndhwm <= 10_000_000:
+            raise ValueError("sndhwm must be 0 (no limit) to 10000000 messages")
+        self.sndhwm = sndhwm
+        # Messages to peers whose send queue was at its HWM (EAGAIN), in order; retried every iteration.
+        self._backlog: dict[bytes, collections.deque[list[bytes]]] = {}
         self._supervised: dict[bytes, bytes] = {}  # supervisor routing id -> its worker's (see zmqrun.supervisor)
         self._running = False
         self._dirty = False
@@ -502,7 +511,8 @@ class Router:
         # HWM 0: credit bounds what we queue to workers; results to clients are
         # bounded by what those clients submitted.  A finite HWM would make
         # libzmq drop or block (EAGAIN) behind our back.
-        s.setsockopt(zmq.SNDHWM, 0)
+        # (A finite --sndhwm is honoured: a full peer queue parks messages in self._backlog, see _send.)
+        s.setsockopt(zmq.SNDHWM, self.sndhwm)
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.TCP_KEEPALIVE, 1)
         s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
@@ -550,6 +560,8 @@ class Router:
                 wait = min(wait, sync_at - mono)
             if self._dirty:
                 wait = 0
+            elif self._backlog:
+                wait = min(wait, BACKLOG_RETRY)  # a ROUTER cannot poll one peer for POLLOUT: retry soon
             try:
                 ready = poller.poll(max(0, int(wait * 1000) + (wait > 0)))
             except zmq.ZMQError as e:
@@ -583,6 +595,8 @@ class Router:
             return False
         if self._gated:
             self._flush_gated()
+        if self._backlog:
+            self._flush_backlog()
         self.archive.trim()
         if jlog.sealed:  # a segment was sealed just now: the state in memory is at its boundary
             self._to_index.extend(jlog.sealed)
@@ -654,7 +668,13 @@ class Router:
     # -- sending ------------------------------------------------------------------------
 
     def _send(self, ident: bytes, frames: list[bytes]) -> bool:
-        """Send now; False if the peer is gone (ROUTER_MANDATORY raised EHOSTUNREACH on the first frame)."""
+        """Send now; False if the peer is gone (ROUTER_MANDATORY raised EHOSTUNREACH on the first frame).
+
+        A peer whose queue is at the socket's SNDHWM (EAGAIN, S1) is not gone: the message waits in
+        the router's backlog for that peer, in order, and is sent again every loop iteration.
+        """
+        if self._backlog and ident in self._backlog:
+            return self._hold(ident, frames)  # behind what already waits for this peer
         send = self.sock.send  # type: ignore[union-attr]
         try:
             # Plain ints, not pyzmq's enum flags: enum arithmetic costs µs per frame here.
@@ -664,9 +684,51 @@ class Router:
             send(frames[-1], _LAST)
             return True
         except zmq.ZMQError as e:
-            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            if e.errno == zmq.EHOSTUNREACH:
                 return False
+            if e.errno == zmq.EAGAIN:
+                return self._hold(ident, frames)
             raise
+
+    def _hold(self, ident: bytes, frames: list[bytes]) -> bool:
+        """Keep a message for a peer at its HWM (see :meth:`_send`); True."""
+        q = self._backlog.get(ident)
+        if q is None:
+            q = self._backlog[ident] = collections.deque()
+        q.append(frames)
+        self.stats["sends_held_at_hwm"] += 1
+        if len(q) > MAX_BACKLOG:
+            q.popleft()
+            self.stats["held_sends_dropped"] += 1
+        return True
+
+    def _flush_backlog(self) -> None:
+        """Send what waits for peers that were at their HWM, in order, until one is full again.  A peer
+        found gone meanwhile loses its backlog; a registered worker among them is lost (jobs re-queued)."""
+        send = self.sock.send  # type: ignore[union-attr]
+        for ident, q in list(self._backlog.items()):
+            gone = False
+            while q:
+                frames = q[0]
+                try:
+                    send(ident, _MORE)
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.EAGAIN:
+                        break
+                    if e.errno != zmq.EHOSTUNREACH:
+                        raise
+                    gone = True
+                    break
+                for f in frames[:-1]:
+                    send(f, _MORE)
+                send(frames[-1], _LAST)
+                q.popleft()
+            if gone or not q:
+                del self._backlog[ident]
+            if gone:
+                w = self.queue.workers.get(ident)
+                if w is not None:
+                    self._unreachable(w)
 
     def _send_gated(self, seq: int, ident: bytes, frames: list[bytes]) -> None:
         """Send once log record ``seq`` is durable; keep FIFO order with earlier gated sends."""
@@ -1197,7 +1259,7 @@ class Router:
                 if acked is not None:
                     msg["acked"] = acked
             if not self._send(w.identity, [P.H_JOBS, orjson.dumps(msg)]):
-                self._unreachable(w)
+                self._unreachable(w, unsent=frozenset(j.id for j in jobs))
 
     def _beat(self, mono: float) -> None:
         for ident, w in list(self.queue.workers.items()):
@@ -1221,13 +1283,15 @@ class Router:
                     j.worker = None
                 self._put_back(back, "router restarted and no worker reported the job within its lease", now)
 
-    def _unreachable(self, w: WorkerSlot) -> None:
+    def _unreachable(self, w: WorkerSlot, unsent: frozenset[str] = frozenset()) -> None:
         """A send to ``w`` found its connection gone.  A supervised worker's process was just killed or
         died, and its supervisor reports that itself, with which jobs never started (jobs whose send
-        failed here are among them): it is lost now only if its supervisor is gone too."""
+        failed here are among them): it is lost now only if its supervisor is gone too.  ``unsent``:
+        jobs whose dispatch was that failed send; they never reached the worker, so they go back to the
+        queue without counting an attempt (S1: a worker chosen, then killed before the send)."""
         if w.supervisor is not None and self._send(w.supervisor, [P.H_R_HEARTBEAT]):
             return
-        self._lose_worker(w.identity, "worker unreachable")
+        self._lose_worker(w.identity, "worker unreachable", unstarted=unsent)
 
 
 def _request_id(body: bytes) -> Any:

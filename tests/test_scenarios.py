@@ -1,0 +1,229 @@
+"""The failure scenarios of failure-scenarios.md (S1-S9) not covered elsewhere, one test (or a few) each.
+
+Covered in other files: S4 (router kill -9 with queued, running and delayed jobs:
+test_retries_tags.py), S6 (unserializable args and results: test_errors.py), S7 (retention:
+test_storage.py), S8 (shutdown: test_recovery.py, test_errors.py), kill -9 of a dedicated worker
+mid-job (test_timeouts_cancel.py, test_recovery.py).
+
+Real router and worker processes on loopback, except where an exact interleaving is the point (a
+worker killed between being chosen and the send): those drive a real Router in-process
+(tests/routerdriver.py).  S9 builds a network namespace and a veth pair (needs root and
+``ip netns``; skipped with the reason otherwise).  Every wait is bounded; timings are checked with
+generous bounds only.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import zmq
+
+from conftest import Cluster, wait_until, write_script
+from zmqrun import Client
+from zmqrun import protocol as P
+
+HB = 0.2  # --heartbeat for routers and workers where liveness matters: window 3 x 0.2 = 0.6 s
+
+JOBS = """\
+import os
+import time
+
+def tick(i=0, pad=0):
+    time.sleep(0.001)
+    return "x" * pad if pad else i
+
+def slow_once(marker, seconds=10.0, log=None):
+    # The first run (no marker yet) writes its pid to the marker and sleeps; later runs return at once.
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+    if not os.path.exists(marker):
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+        time.sleep(seconds)
+        return "first"
+    return "again"
+
+def record(log, i=0, seconds=0.0):
+    # One line per execution: which job ran in which process.
+    with open(log, "a") as f:
+        f.write(f"{i} {os.getpid()}\\n")
+    time.sleep(seconds)
+    return i
+
+def killed():
+    # A job the kernel kills every time (as the OOM killer would).
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def echo(blob=""):
+    return blob
+"""
+
+
+def _jobs(tmp_path: Path) -> Path:
+    return write_script(tmp_path, "scenario_jobs.py", JOBS)
+
+
+def _read_pid(marker: Path, timeout: float = 20) -> int:
+    wait_until(marker.exists, timeout=timeout, interval=0.02, what=f"the job to start ({marker.name})")
+    return int(marker.read_text())
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _raw_dealer(address: str, identity: bytes, **opts: int) -> zmq.Socket:
+    """A bare DEALER (no zmqrun client logic) with ``opts`` set before it connects."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.setsockopt(zmq.LINGER, 0)
+    for k, v in opts.items():
+        sock.setsockopt(getattr(zmq, k), v)
+    sock.connect(address)
+    return sock
+
+
+# -- S1: the ROUTER discards messages and reports success ------------------------------------------
+
+
+def _s1_hwm(zr: Cluster, tmp_path: Path, n: int, quiet: float) -> None:
+    """Router SNDHWM 100; one dedicated worker with credit 4 (1 running + 3 prefetched); a client
+    submits ``n`` jobs (each 1 ms, with a 2 KB result) and reads nothing for ``quiet`` seconds.
+
+    The client is a bare DEALER with a tiny receive HWM and buffer, so unread results back up into
+    the router's queue for it, which hits its SNDHWM: a ROUTER (mandatory) then refuses the send
+    with EAGAIN.  Before the fix the router dropped such a message (a lost ACK or result) and
+    counted the worker gone on a refused JOBS; now it holds it and sends it later, in order."""
+    tick = f"{_jobs(tmp_path)}:tick"
+    zr.start_router(extra=("--sndhwm", "100"))
+    zr.start_worker(tick, name="warm-hwm", concurrency=1, prefetch=3)
+    sock = _raw_dealer(zr.address, b"c-hwm-reader", RCVHWM=10, RCVBUF=4096)
+    try:
+        ids = [f"s1-{i:06d}" for i in range(n)]
+        batch = 1000
+        for req, start in enumerate(range(0, n, batch)):
+            jobs = [{"id": jid, "script": tick, "args": {"i": i, "pad": 2048}}
+                    for i, jid in enumerate(ids[start:start + batch], start)]
+            sock.send_multipart([P.header(P.CLIENT, P.C_SUBMIT), orjson.dumps({"req": req, "jobs": jobs})])
+        n_reqs = req + 1
+        # Read nothing; meanwhile the router keeps serving others (it never blocks on the full peer).
+        end = time.monotonic() + quiet
+        with Client(zr.address, timeout=5) as other:
+            while time.monotonic() < end:
+                other.status()
+                time.sleep(0.5)
+            held = other.status()["dropped"].get("sends_held_at_hwm", 0)
+        assert held > 0, "the test did not make the router's queue for the client reach its SNDHWM"
+        acked: collections.Counter[str] = collections.Counter()
+        results: collections.Counter[str] = collections.Counter()
+        deadline = time.monotonic() + 60 + n / 500
+        while (len(results) < n or len(acked) < n) and time.monotonic() < deadline:
+            if not sock.poll(1000):
+                continue
+            head, body = sock.recv_multipart()
+            msg = orjson.loads(body)
+            if head == P.H_ACK:
+                assert msg["rejected"] == []
+                acked.update(msg["accepted"])
+            elif head == P.H_RESULT:
+                for r in msg["results"]:
+                    assert r["status"] == "success", r
+                    results[r["id"]] += 1
+        assert len(acked) == n and set(acked.values()) == {1}, f"{len(acked)} of {n} jobs acknowledged"
+        assert len(results) == n, f"{len(results)} of {n} results reached the client"
+        assert set(results.values()) == {1}, "a result reached the client twice"
+        assert set(results) == set(ids)
+        assert n_reqs == -(-n // batch)
+    finally:
+        sock.close(0)
+    with Client(zr.address, timeout=10) as c:
+        st = c.status()
+        # Every job archived exactly once; none queued, none running, none held by a worker.
+        assert st["counts"] == {"queued": 0, "scheduled": 0, "running": 0, "finished": n}, st["counts"]
+        assert st["leased"] == 0 and [w["in_flight"] for w in st["workers"]] == [0]
+        assert st["dropped"].get("held_sends_dropped", 0) == 0
+        listed = c.list_jobs(status="success", limit=n + 10)
+        assert len(listed) == n and {j.id for j in listed} == set(ids)
+        assert {j.attempts for j in listed} == {1}
+
+
+def test_s1_router_at_sndhwm_holds_messages_and_loses_none(zr: Cluster, tmp_path: Path) -> None:
+    """S1 A, bounded (3,000 jobs, 5 s without reading): about 10 s."""
+    _s1_hwm(zr, tmp_path, 3000, 5.0)
+
+
+@pytest.mark.slow
+def test_s1_router_at_sndhwm_50k_jobs(zr: Cluster, tmp_path: Path) -> None:
+    """S1 A as written: 50,000 jobs of 1 ms; about 60-90 s on 2 cores."""
+    _s1_hwm(zr, tmp_path, 50_000, 5.0)
+
+
+class _VanishingSocket:
+    """The routerdriver's FakeSocket, except that sends to ``gone`` fail as a ROUTER_MANDATORY send to
+    a peer whose connection just closed does (EHOSTUNREACH on the identity frame)."""
+
+    def __init__(self, inner: Any, gone: set[bytes]) -> None:
+        self.inner, self.gone = inner, gone
+        self.refused: list[bytes] = []
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        if not self.inner._cur and bytes(frame) in self.gone:
+            self.refused.append(bytes(frame))
+            raise zmq.ZMQError(zmq.EHOSTUNREACH)
+        self.inner.send(frame, flags)
+
+    @property
+    def sent(self) -> list[tuple[bytes, list[bytes]]]:
+        return self.inner.sent
+
+
+def test_s1_worker_killed_after_it_was_chosen_and_before_the_send(tmp_path: Path) -> None:
+    """S1 B: the router picks w1 for a job, but w1 was killed -9 just before the send: the send raises
+    EHOSTUNREACH (ROUTER_MANDATORY), w1 is dropped, the job goes back to the queue at once without
+    counting an attempt (it never reached w1) and w2 finishes it; one completion in the archive.
+
+    Driven in-process: a real process cannot be killed reliably between the choice and the send."""
+    from routerdriver import CLIENT, WORKER, Driver
+
+    w2 = b"worker-2"
+    d = Driver(tmp_path / "data", credit=1)
+    r = d.router
+    r._handle([w2, P.header(P.WORKER, P.W_READY), orjson.dumps({"script": "s.py:f", "credit": 1, "name": "w2"})])
+    sock = r.sock = _VanishingSocket(d.sock, {WORKER})  # type: ignore[assignment]
+    [jid] = d.submit(1)
+    # First commit: dispatch picks w1 (least loaded, first registered); the send fails.
+    r._commit()
+    assert sock.refused == [WORKER]
+    assert WORKER not in r.queue.workers, "the unreachable worker is still registered"
+    job = r.queue.jobs[jid]
+    assert job.status == "queued" and job.attempts == 0  # back at once, the attempt not counted
+    # The next iteration sends it to w2 (attempt 1 again: w1 never had it).
+    r._commit()
+    jobs_to_w2 = [orjson.loads(f[1]) for ident, f in sock.sent if ident == w2 and f[0] == P.H_JOBS]
+    assert [[(j["id"], j["attempt"]) for j in m["jobs"]] for m in jobs_to_w2] == [[(jid, 1)]]
+    r._handle([w2, P.header(P.WORKER, P.W_RESULT), orjson.dumps({"worker": "w2", "results": [
+        {"id": jid, "attempt": 1, "status": "success", "result": 42, "logs": "", "started_at": 1.0,
+         "finished_at": 2.0}]})])
+    r._commit()
+    outcomes = [r_ for ident, f in sock.sent if ident == CLIENT and f[0] == P.H_RESULT
+                for r_ in orjson.loads(f[1])["results"]]
+    assert [(o["id"], o["status"], o["result"]) for o in outcomes] == [(jid, "success", 42)]
+    assert r.archive.get(jid).worker == "w2" and r.archive.get(jid).attempts == 1
+    d.close()
+    # The log replays to the same single completion.
+    again = Driver(tmp_path / "data", credit=1)
+    assert again.router.archive.count() == 1 and again.router.archive.get(jid).attempts == 1
+    assert jid not in again.router.queue.jobs
+    again.close()
