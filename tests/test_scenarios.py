@@ -37,8 +37,9 @@ def tick(i=0, pad=0):
     time.sleep(0.001)
     return "x" * pad if pad else i
 
-def slow_once(marker, seconds=10.0, log=None):
-    # The first run (no marker yet) writes its pid to the marker and sleeps; later runs return at once.
+def slow_once(marker, seconds=10.0, again=0.0, log=None):
+    # The first run (no marker yet) writes its pid to the marker and sleeps ``seconds``; later runs
+    # sleep ``again`` and return "again".
     if log:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\\n")
@@ -48,6 +49,7 @@ def slow_once(marker, seconds=10.0, log=None):
         os.replace(marker + ".tmp", marker)
         time.sleep(seconds)
         return "first"
+    time.sleep(again)
     return "again"
 
 def record(log, i=0, seconds=0.0):
@@ -227,3 +229,77 @@ def test_s1_worker_killed_after_it_was_chosen_and_before_the_send(tmp_path: Path
     assert again.router.archive.count() == 1 and again.router.archive.get(jid).attempts == 1
     assert jid not in again.router.queue.jobs
     again.close()
+
+
+# -- S2: a peer restarts and routing breaks --------------------------------------------------------
+
+
+def _answers_quickly(c: Client) -> float:
+    """Seconds a status() round trip takes; the router must never block (generous bound)."""
+    t0 = time.monotonic()
+    c.status()
+    took = time.monotonic() - t0
+    assert took < 3.0, f"the router took {took:.1f} s to answer"
+    return took
+
+
+@pytest.mark.parametrize("identity", ["same", "new"])
+def test_s2_worker_restarts_with_the_same_or_a_new_identity(zr: Cluster, tmp_path: Path, identity: str) -> None:
+    """S2: a dedicated worker with the fixed name (routing id) w-A runs job J; kill -9 and restart within
+    200 ms with the same id or a new one; then 100 more jobs.  The router never blocks; a peer counts
+    as registered only after its READY; J is requeued exactly once and completes on the new process;
+    a late report of J's old attempt (injected while its second attempt runs) is dropped; all 100
+    complete.  About 5 s each."""
+    script = f"{_jobs(tmp_path)}:slow_once"
+    zr.start_router(heartbeat=HB)
+    c = zr.client(timeout=5)
+    a = zr.start_worker(script, name="w-A", heartbeat=HB, prefetch=0)
+    marker = tmp_path / "j.pid"
+    j = c.submit(script, {"marker": str(marker), "seconds": 60, "again": 1.5})
+    _read_pid(marker)
+    assert c.get(j.id).worker == "w-A"
+    a.kill9()
+    killed = time.monotonic()
+    new_name = "w-A" if identity == "same" else "w-B"
+    b = zr.start_worker(script, name=new_name, heartbeat=HB, prefetch=0, wait=False)
+    assert time.monotonic() - killed < 0.2, "the restart took longer than 200 ms to launch"
+    if identity == "new":
+        # A peer that speaks before its READY is told to register and is not listed.
+        probe = _raw_dealer(zr.address, b"w-probe")
+        try:
+            probe.send_multipart([P.H_W_HEARTBEAT])
+            assert probe.poll(5000), "no answer to an unregistered worker's heartbeat"
+            assert probe.recv_multipart()[0] == P.H_R_DISCONNECT
+            assert "w-probe" not in zr.worker_names()
+        finally:
+            probe.close(0)
+    _answers_quickly(c)
+    zr.wait_worker(new_name, proc=b)
+    # J runs again on the new process (attempt 2).  Meanwhile a registered peer reports J's old
+    # attempt 1 (as the killed process would have, had it lived): the attempt check drops it.
+    wait_until(lambda: (lambda r: r.attempts == 2 and r.status == "running")(c.get(j.id)), timeout=10,
+               what="J's second attempt to start")
+    late = _raw_dealer(zr.address, b"w-late")
+    try:
+        late.send_multipart([P.H_W_READY, orjson.dumps({"script": "nobody.uses:this", "credit": 1,
+                                                          "heartbeat": 5, "name": "w-late"})])
+        late.send_multipart([P.H_W_RESULT, orjson.dumps({"worker": "w-late", "results": [
+            {"id": j.id, "attempt": 1, "status": "success", "result": "stale", "logs": "",
+             "started_at": time.time() - 1, "finished_at": time.time()}]})])
+        wait_until(lambda: c.status()["dropped"].get("stale_results", 0) >= 1, timeout=5,
+                   what="the late report to be dropped")
+    finally:
+        late.close(0)
+    assert j.result(timeout=20) == "again"
+    rec = c.get(j.id)
+    assert rec.status == "success" and rec.attempts == 2 and rec.worker == new_name
+    _answers_quickly(c)
+    more = c.map(script, [{"marker": str(marker), "again": 0.0}] * 100)
+    assert more == ["again"] * 100
+    st = c.status()
+    assert st["counts"]["finished"] == 101 and st["counts"]["running"] == 0
+    out = zr.router_proc.output()
+    # J went back to the queue exactly once; the new process registered exactly once (its READY).
+    back = [line for line in out.splitlines() if "back to the queue" in line]
+    assert len(back) == 1 and "(w-A): 1 running job(s)" in back[0], back
+    assert out.count(f"worker {new_name} ready") == (2 if identity == "same" else 1)
