@@ -24,7 +24,7 @@ import pytest
 import zmq
 
 from conftest import Cluster, wait_until, write_script
-from zmqrun import Client
+from zmqrun import Client, JobFailed
 from zmqrun import protocol as P
 
 HB = 0.2  # --heartbeat for routers and workers where liveness matters: window 3 x 0.2 = 0.6 s
@@ -303,3 +303,99 @@ def test_s2_worker_restarts_with_the_same_or_a_new_identity(zr: Cluster, tmp_pat
     back = [line for line in out.splitlines() if "back to the queue" in line]
     assert len(back) == 1 and "(w-A): 1 running job(s)" in back[0], back
     assert out.count(f"worker {new_name} ready") == (2 if identity == "same" else 1)
+
+
+# -- S3: a worker dies mid-job ---------------------------------------------------------------------
+
+
+def _records(data_dir: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(type, payload) of every job log record (the router must be stopped)."""
+    from zmqrun.joblog import FsyncPolicy, JobLog
+
+    jlog = JobLog(data_dir, FsyncPolicy("always"))
+    try:
+        jlog.scan_segments()
+        return [(rtype, orjson.loads(payload)) for _seq, rtype, payload in jlog.recover(0)]
+    finally:
+        jlog.close()
+
+
+def test_s3_cold_worker_killed_mid_job_is_detected_and_the_job_runs_once_more(zr: Cluster, tmp_path: Path) -> None:
+    """S3: a normal (cold) worker runs a 10 s job; kill -9 of the worker process 2 s in.  The worker
+    process, not the job's: the scenario is a lost worker (a job process that dies under a living
+    worker is reported by it as ProcessDied, see test_errors.py).  The kernel kills the job's process
+    with it (PR_SET_PDEATHSIG); the router notices within heartbeat x liveness (here at the next
+    heartbeat it sends: the connection is gone, EHOSTUNREACH), logs the attempt as lost (REQUEUE),
+    and with --max-attempts 2 runs it once more on another worker; the client gets the result.
+    About 5 s."""
+    script = f"{_jobs(tmp_path)}:slow_once"
+    beat, liveness = 0.5, 3
+    zr.start_router(heartbeat=beat, extra=("--max-attempts", "2"))
+    c = zr.client()
+    a = zr.start_worker(None, name="cold-A", heartbeat=beat)
+    marker = tmp_path / "s3.pid"
+    j = c.submit(script, {"marker": str(marker), "seconds": 10})
+    job_pid = _read_pid(marker)
+    started = time.monotonic()
+    zr.start_worker(None, name="cold-B", heartbeat=beat)
+    time.sleep(max(0.0, 2.0 - (time.monotonic() - started)))
+    assert c.get(j.id).status == "running" and c.get(j.id).worker == "cold-A"
+    a.kill9()
+    killed = time.monotonic()
+    wait_until(lambda: c.get(j.id).attempts == 2, timeout=10, interval=0.02, what="the job to be dispatched again")
+    detected = time.monotonic() - killed
+    assert detected < beat * liveness + beat + 1.5, f"lost worker noticed after {detected:.2f} s"
+    wait_until(lambda: _gone(job_pid), timeout=5, what="the killed worker's job process to be gone")
+    assert j.result(timeout=30) == "again"
+    rec = c.get(j.id)
+    assert rec.status == "success" and rec.attempts == 2 and rec.worker == "cold-B"
+    zr.router_proc.stop()
+    requeues = [r for t, r in _records(zr.data_dir) if t == 5 and any(x[0] == j.id for x in r["jobs"])]
+    assert [[x[:2] for x in r["jobs"]] for r in requeues] == [[[j.id, 1]]]
+    assert "(cold-A)" in requeues[0]["jobs"][0][2] and not requeues[0].get("final")
+
+
+def test_s3_poison_job_killed_every_time_ends_after_its_attempts_with_each_recorded(zr: Cluster,
+                                                                                   tmp_path: Path) -> None:
+    """S3 poison variant on the cold path: the job's process is SIGKILLed every time (as by the OOM
+    killer).  Its worker survives and reports ProcessDied each time; with retries=2 it ends failure
+    after 3 attempts and its record lists every attempt (two in attempt_errors, the last as its
+    error).  The warm-path variant, where the kill takes the worker's process and each attempt is
+    a lost worker ending in WorkerLost, is test_timeouts_cancel.py's
+    test_job_that_kills_its_warm_process_each_time_ends_worker_lost.  About 2 s."""
+    killed = f"{_jobs(tmp_path)}:killed"
+    zr.start_router()
+    c = zr.client()
+    w = zr.start_worker(None, name="cold-P")
+    j = c.submit(killed, retries=2, backoff="constant:0.05")
+    with pytest.raises(JobFailed) as info:
+        j.result(timeout=30)
+    assert info.value.type == "ProcessDied" and "-9" in info.value.message
+    rec = c.get(j.id)
+    assert rec.status == "failure" and rec.attempts == 3
+    assert [(e["attempt"], e["error"]["type"]) for e in rec.attempt_errors] == [(1, "ProcessDied"), (2, "ProcessDied")]
+    assert w.alive() and "cold-P" in zr.worker_names()
+
+
+def test_s3_job_that_kills_its_cold_worker_ends_worker_lost_and_the_log_names_each_attempt(
+        zr: Cluster, tmp_path: Path) -> None:
+    """S3 poison variant where each attempt takes its (cold) worker down: the job SIGKILLs its worker
+    process.  A new worker is started after each death (as a process manager would); after
+    --max-attempts (2 here) the job fails WorkerLost, and the job log holds one REQUEUE record per
+    lost attempt, naming its worker.  About 4 s."""
+    p = write_script(tmp_path, "killer.py", "import os\nimport signal\n\ndef main():\n"
+                                            "    os.kill(os.getppid(), signal.SIGKILL)\n")
+    zr.start_router(extra=("--max-attempts", "2"))
+    c = zr.client()
+    j = c.submit(f"{p}:main")
+    for n in (1, 2):
+        w = zr.start_worker(None, name=f"cold-{n}")
+        w.popen.wait(20)
+        assert w.popen.returncode == -9
+    with pytest.raises(JobFailed) as info:
+        j.result(timeout=20)
+    assert info.value.type == "WorkerLost" and "gave up after 2 attempts" in info.value.message
+    assert c.get(j.id).attempts == 2
+    zr.router_proc.stop()
+    lost = [x for t, r in _records(zr.data_dir) if t == 5 for x in r["jobs"] if x[0] == j.id]
+    assert [(x[1], f"(cold-{x[1]})" in x[2]) for x in lost] == [(1, True), (2, True)]
