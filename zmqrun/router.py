@@ -54,6 +54,9 @@ log = logging.getLogger("zmqrun.router")
 
 DEFAULT_MAX_ATTEMPTS = 3
 BACKLOG_RETRY = 0.005  # seconds between retries of messages held for peers at their HWM
+# A finished job whose args or result took more than this (bytes per job in its message) is not kept
+# in the archive's recent-jobs cache (S5): lookups read it back from the log instead.
+BIG_JOB_BYTES = 64 * 1024
 MAX_BACKLOG = 1_000_000  # messages held per peer at its HWM; beyond that the oldest are dropped (counted)
 _MORE, _LAST = P.MORE_NOBLOCK, P.NOBLOCK
 MAX_DRAIN = 5000  # messages handled per wake-up before the loop services the log and timers
@@ -234,6 +237,7 @@ class Router:
         self.sndhwm = sndhwm
         # Messages to peers whose send queue was at its HWM (EAGAIN), in order; retried every iteration.
         self._backlog: dict[bytes, collections.deque[list[bytes]]] = {}
+        self._big: set[str] = set()  # live jobs with large args or result: not cached once finished (S5)
         self._supervised: dict[bytes, bytes] = {}  # supervisor routing id -> its worker's (see zmqrun.supervisor)
         self._running = False
         self._dirty = False
@@ -283,6 +287,8 @@ class Router:
             n += 1
             rec = orjson.loads(payload)
             if rtype == SUBMIT:
+                if len(payload) > BIG_JOB_BYTES * len(rec["jobs"]):
+                    self._big.update(d["id"] for d in rec["jobs"])
                 for d in rec["jobs"]:
                     live = jobs.get(d["id"])
                     if live is not None:
@@ -297,6 +303,8 @@ class Router:
                     if job is not None:
                         job.status, job.attempts, job.worker, job.started_at = RUNNING, attempt, rec["worker"], rec["at"]
             elif rtype == FINISH:
+                if len(payload) > BIG_JOB_BYTES * len(rec["results"]):
+                    self._big.update(r.get("id") for r in rec["results"] if isinstance(r, dict))
                 for r in rec["results"]:
                     job = jobs.get(r.get("id")) if isinstance(r, dict) else None
                     # The live path's acceptance rule: the running attempt, or a late report of the
@@ -355,6 +363,8 @@ class Router:
     def _archive_replayed(self, job: Job, seq: int) -> None:
         self.archive.add(job, seq, self.log.segment_of(seq))
         self.archive.trim()  # the replayed records are on disk: the full jobs need not stay in memory
+        if self._big:
+            self._forget_big([job])
 
     # -- checkpoints: segment index files, snapshots, retention --------------------------
 
@@ -783,7 +793,7 @@ class Router:
             raise BadRequest("request body must be a JSON object")
         req = msg.get("req")
         if cmd == P.C_SUBMIT:
-            self._submit(ident, req, msg)
+            self._submit(ident, req, msg, len(body))
         elif cmd == P.C_WAIT:
             ids = msg.get("ids")
             if type(ids) is not list or not all(type(i) is str for i in ids):
@@ -810,7 +820,7 @@ class Router:
             raise BadRequest("job id must be a string")
         return self.queue.jobs.get(jid) or self.archive.get(jid)
 
-    def _submit(self, ident: bytes, req: Any, msg: dict[str, Any]) -> None:
+    def _submit(self, ident: bytes, req: Any, msg: dict[str, Any], size: int = 0) -> None:
         raw_jobs = msg.get("jobs")
         if not isinstance(raw_jobs, list) or not raw_jobs:
             raise BadRequest("submit needs a non-empty list of jobs")
@@ -851,6 +861,8 @@ class Router:
             accepted.append(d["id"])
         seq = self.log.last_seq
         if fresh:
+            if size > BIG_JOB_BYTES * len(raw_jobs):
+                self._big.update(d["id"] for d in fresh)
             seq = self.log.append(SUBMIT, orjson.dumps({"at": now, "jobs": fresh}), eager=True)
             for job in new_jobs:
                 job.submit_seq = seq
@@ -1088,6 +1100,8 @@ class Router:
                         r["attempt_errors"] = job.attempt_errors
                 body = orjson.dumps({**msg, "worker": w.name})
             self._relog_submits([job for job, _r in done])
+            if len(body) > BIG_JOB_BYTES * len(results):
+                self._big.update(job.id for job, _r in done)
             # Replay applies the same acceptance rules to this record (see recover()).
             seq = self.log.append(FINISH, body)
             self._finish_batch([(job, apply_result(job, r)) for job, r in done], seq)
@@ -1154,6 +1168,17 @@ class Router:
                 job.watchers = None
         for c, (gate, outs) in by_client.items():
             self._send_gated(gate, c, [P.H_RESULT, orjson.dumps({"results": outs})])
+        if self._big:
+            self._forget_big([job for job, _out in done])
+
+    def _forget_big(self, jobs: list[Job]) -> None:
+        """Finished jobs with large args or results leave the archive's recent-jobs cache (a lookup reads
+        them back from the log), so the router does not keep their payloads (S5)."""
+        big, drop = self._big, self.archive.recent.pop
+        for job in jobs:
+            if job.id in big:
+                big.discard(job.id)
+                drop(job.id, None)
 
     def _supervisor_msg(self, ident: bytes, cmd: int, body: bytes) -> None:
         """A dedicated worker's supervisor (never registered itself; its worker's READY names it).
