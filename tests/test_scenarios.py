@@ -15,6 +15,10 @@ generous bounds only.
 from __future__ import annotations
 
 import collections
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ import orjson
 import pytest
 import zmq
 
-from conftest import Cluster, wait_until, write_script
+from conftest import Cluster, free_port, wait_until, write_script
 from zmqrun import Client, JobFailed
 from zmqrun import protocol as P
 
@@ -508,3 +512,126 @@ def test_s5_oversize_submit_is_refused_by_the_client_and_a_raw_one_disconnected(
         mon.close(0)
         raw.close(0)
     assert zr.router_proc.alive()
+
+
+# -- S9: idle connections die silently -------------------------------------------------------------
+
+
+def _executions(log: Path) -> collections.Counter[int]:
+    """How often each job (its ``i``) ran, from the ``record`` job's execution log."""
+    if not log.exists():
+        return collections.Counter()
+    return collections.Counter(int(line.split()[0]) for line in log.read_text().splitlines() if line)
+
+
+def test_s9_frozen_worker_does_not_run_jobs_buffered_for_the_session_the_router_dropped(
+        zr: Cluster, tmp_path: Path) -> None:
+    """S9, SIGSTOP variant: a dedicated worker (supervisor and child) is stopped for longer than the
+    liveness window while 5 jobs are dispatched to it.  The router drops it and re-queues them;
+    another worker runs them.  On SIGCONT the first worker finds its poll overran the liveness window
+    (and the router's DISCONNECT waiting behind the jobs; either alone suffices here), drops the
+    buffered jobs and registers again on a new socket: every job ran exactly once.  Before the fix it
+    ran all 5 again (results dropped as stale).  About 4 s."""
+    record = f"{_jobs(tmp_path)}:record"
+    runs = tmp_path / "runs.log"
+    zr.start_router(heartbeat=HB)
+    c = zr.client()
+    a = zr.start_worker(record, name="warm-A", heartbeat=HB)
+    family = sorted(a.family())
+    assert len(family) == 2  # supervisor and warm child
+    for pid in family:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        jobs = [c.submit(record, {"log": str(runs), "i": i}) for i in range(5)]
+        wait_until(lambda: "warm-A" not in zr.worker_names(), timeout=10, what="the router to drop warm-A")
+        b = zr.start_worker(record, name="warm-B", heartbeat=HB)
+        assert [j.result(timeout=20) for j in jobs] == list(range(5))
+    finally:
+        for pid in family:
+            os.kill(pid, signal.SIGCONT)
+    # warm-A comes back, registers again, and takes new work; the old jobs never ran on it.
+    wait_until(lambda: "warm-A" in zr.worker_names(), timeout=10, what="warm-A to register again")
+    time.sleep(0.5)
+    assert _executions(runs) == collections.Counter(range(5)), runs.read_text()
+    b_pids = b.family()
+    assert {int(line.split()[1]) for line in runs.read_text().splitlines()} <= b_pids
+    more = [c.submit(record, {"log": str(runs), "i": 10 + i}) for i in range(20)]
+    assert [j.result(timeout=20) for j in more] == list(range(10, 30))
+    assert all(c.get(j.id).attempts == 2 for j in jobs)
+    assert "registering again" in a.output()
+
+
+def _ip(*args: str, ns: str | None = None) -> subprocess.CompletedProcess[str]:
+    argv = ["ip", *(("netns", "exec", ns, "ip") if ns else ()), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10)
+
+
+@pytest.fixture
+def veth_pair() -> Any:
+    """A network namespace joined to this one by a veth pair: yields (namespace, host-side device,
+    device in the namespace, host address, namespace address).  Removed at teardown (deleting the
+    namespace removes the pair).  Skipped, with the reason, where ``ip netns add`` fails (no root)."""
+    tag = f"{os.getpid() % 100000}"
+    ns, host_dev, ns_dev = f"zrs9-{tag}", f"zrh{tag}", f"zrn{tag}"
+    net = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    host_ip, ns_ip = f"{net}.1", f"{net}.2"
+    made = _ip("netns", "add", ns)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace (ip netns add: {made.stderr.strip()})")
+    try:
+        for args, where in [(("link", "add", host_dev, "type", "veth", "peer", "name", ns_dev), None),
+                            (("link", "set", ns_dev, "netns", ns), None),
+                            (("addr", "add", f"{host_ip}/30", "dev", host_dev), None),
+                            (("link", "set", host_dev, "up"), None),
+                            (("addr", "add", f"{ns_ip}/30", "dev", ns_dev), ns),
+                            (("link", "set", ns_dev, "up"), ns),
+                            (("link", "set", "lo", "up"), ns)]:
+            done = _ip(*args, ns=where)
+            assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr}"
+        yield ns, host_dev, ns_dev, host_ip, ns_ip
+    finally:
+        _ip("netns", "del", ns)
+        _ip("link", "del", host_dev)  # normally gone with the namespace already
+
+
+def test_s9_network_black_hole_between_worker_and_router(veth_pair: Any, zr: Cluster, tmp_path: Path) -> None:
+    """S9: a dedicated worker in another network namespace reaches the router over a veth pair.  Both
+    ends of the link go down for 2.5 s (a black hole: nothing is refused, packets just vanish; far
+    longer than the 0.6 s liveness window), and 5 jobs are submitted during it, which the router sends
+    into the hole.  The router declares the worker dead within the window and re-queues them; after
+    the link comes back the worker registers again on a new socket (READY) and every job completes
+    exactly once: the JOBS message that sat in the hole reached a socket the worker had already
+    closed.  (The scenario's iptables DROP for 60 s, scaled down; `tc netem` is not available here, a
+    link down is the same black hole for TCP.)  About 8 s."""
+    ns, host_dev, ns_dev, host_ip, _ns_ip = veth_pair
+    record = f"{_jobs(tmp_path)}:record"
+    runs = tmp_path / "runs.log"
+    zr.start_router(heartbeat=HB, address=f"tcp://{host_ip}:{free_port()}")
+    c = zr.client()
+    w = zr.spawn("worker-ns", ["worker", "--connect", zr.address, "--name", "ns-worker", "--dedicated", record,
+                               "--heartbeat", str(HB)], program=["ip", "netns", "exec", ns, sys.executable, "-m", "zmqrun"])
+    zr.wait_worker("ns-worker", proc=w)
+    assert c.run(record, {"log": str(runs), "i": -1}, wait_timeout=20) == -1  # it works across the pair
+    time.sleep(3 * HB)  # idle, then the black hole
+    for args, where in [(("link", "set", host_dev, "down"), None), (("link", "set", ns_dev, "down"), ns)]:
+        assert _ip(*args, ns=where).returncode == 0
+    blocked = time.monotonic()
+    try:
+        jobs = [c.submit(record, {"log": str(runs), "i": i}) for i in range(5)]
+        wait_until(lambda: c.get(jobs[0].id).attempts == 1, timeout=5, what="the jobs to be sent into the hole")
+        wait_until(lambda: "ns-worker" not in zr.worker_names(), timeout=10, interval=0.02,
+                   what="the router to declare the worker dead")
+        dead_after = time.monotonic() - blocked
+        assert dead_after < 3 * HB + HB + 1.0, f"declared dead {dead_after:.2f} s into the black hole"
+        recs = [c.get(j.id) for j in jobs]
+        assert [(r.status, r.attempts) for r in recs] == [("queued", 1)] * 5
+        time.sleep(max(0.0, 2.5 - (time.monotonic() - blocked)))
+    finally:
+        for args, where in [(("link", "set", ns_dev, "up"), ns), (("link", "set", host_dev, "up"), None)]:
+            _ip(*args, ns=where)
+    assert [j.result(timeout=30) for j in jobs] == list(range(5))
+    assert _executions(runs) == collections.Counter([-1, *range(5)]), runs.read_text()
+    assert [c.get(j.id).attempts for j in jobs] == [2] * 5
+    out = w.output()
+    assert "went silent" in out and out.count("registered with") == 2, out
+    assert zr.router_proc.output().count("worker ns-worker ready") == 2

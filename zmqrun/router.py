@@ -1290,6 +1290,9 @@ class Router:
         for ident, w in list(self.queue.workers.items()):
             if w.expires_at < mono:
                 self._lose_worker(ident, "worker missed heartbeats")
+                # If it is only frozen (SIGSTOP, a stalled VM) or cut off, it reads this before any job
+                # still buffered for it, and registers again instead of running them (S9).
+                self._send(ident, [P.H_R_DISCONNECT, b'{"reason":"no heartbeat within the liveness window"}'])
                 log.warning("worker %s expired (no heartbeat for %.1f s)", w.name, w.heartbeat * self.liveness)
                 continue
             frames = [P.H_R_HEARTBEAT]

@@ -277,8 +277,8 @@ class Worker:
                     break
                 if heard:
                     backoff = P.RECONNECT_INITIAL
-                if outcome == "disconnect":
-                    delay = 0.05  # the router asked us to re-register: it is alive
+                if outcome in ("disconnect", "dropped this frozen worker"):
+                    delay = 0.05  # the router asked us to re-register (or would have): it is alive
                 else:
                     delay = backoff * (0.5 + 0.5 * random.random())
                     backoff = min(backoff * 2, P.RECONNECT_MAX)
@@ -316,7 +316,9 @@ class Worker:
 
     def _session(self) -> tuple[str, bool]:
         """One registration: returns (outcome, heard from the router); outcome is 'stopped',
-        'disconnect' (the router asked us to re-register) or 'went silent'."""
+        'disconnect' (the router asked us to re-register), 'went silent', or 'dropped this frozen
+        worker' (this process did not run for longer than the liveness window: the router has given
+        up on it)."""
         self.sock = sock = self._open()
         self._pending.clear()
         # Results the last router never acknowledged go out again right after READY.
@@ -367,7 +369,13 @@ class Worker:
             if can_start or P.has_input(sock):
                 events = {}
             else:
+                polled = time.monotonic()
                 events = dict(poller.poll(int(wait * 1000) + 1))
+                if time.monotonic() - polled > wait + self.heartbeat * self.liveness:
+                    # This process was frozen (SIGSTOP, a suspended VM) or starved for longer than the
+                    # router waits for a heartbeat: it has given up on this session and re-queued our
+                    # jobs.  Jobs buffered in the socket meanwhile must not run: register again (S9).
+                    return "dropped this frozen worker", heard
             msgs = P.recv_ready(sock, 10_000)
             if msgs:
                 heard = True
