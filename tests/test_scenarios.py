@@ -635,3 +635,104 @@ def test_s9_network_black_hole_between_worker_and_router(veth_pair: Any, zr: Clu
     out = w.output()
     assert "went silent" in out and out.count("registered with") == 2, out
     assert zr.router_proc.output().count("worker ns-worker ready") == 2
+
+
+# -- two doubts settled: a warm timeout is retried; a cancel of a leased job reaches its worker ------
+
+
+def test_warm_job_that_times_out_is_retried_when_retries_remain(zr: Cluster, tmp_path: Path) -> None:
+    """A dedicated (warm) job that runs past its timeout is killed (the supervisor restarts the warm
+    process) and, with retries left, runs again like a cold one would: the second attempt succeeds and
+    the first is recorded with its Timeout error.  About 3 s."""
+    script = f"{_jobs(tmp_path)}:slow_once"
+    zr.start_router(heartbeat=HB)
+    c = zr.client()
+    zr.start_worker(script, name="warm-t", heartbeat=HB, prefetch=0)
+    j = c.submit(script, {"marker": str(tmp_path / "t.pid"), "seconds": 60}, timeout=1.0, retries=1,
+                 backoff="constant:0.1")
+    assert j.result(timeout=30) == "again"
+    rec = c.get(j.id)
+    assert rec.status == "success" and rec.attempts == 2
+    assert [(e["attempt"], e["error"]["type"]) for e in rec.attempt_errors] == [(1, "Timeout")]
+
+
+def _restarted_router(data_dir: Path) -> Any:
+    """A real Router recovered from ``data_dir`` with a recording socket and no worker registered yet."""
+    from routerdriver import FakeSocket
+    from zmqrun.joblog import FsyncPolicy, JobLog
+    from zmqrun.router import Router
+
+    r = Router("tcp://127.0.0.1:0", data_dir, FsyncPolicy("always"), segment_bytes=4096,
+               background_checkpoints=False)
+    r.log = JobLog(data_dir, r.policy, 4096)
+    r.recover()
+    r.sock = FakeSocket()  # type: ignore[assignment]
+    return r
+
+
+@pytest.mark.parametrize("registered", ["before", "after"])
+@pytest.mark.parametrize("supervised", [False, True])
+def test_cancel_of_a_job_leased_after_a_restart_is_sent_to_its_worker(tmp_path: Path, registered: str,
+                                                                       supervised: bool) -> None:
+    """After a router restart a job that was running is leased to the worker that ran it (no slot holds
+    it).  Canceling it records the cancel at once and sends the stop to that worker (its supervisor,
+    for a dedicated one): at once if it has registered again, else when its READY arrives.  Before
+    the fix no stop was sent, and the job ran on until its (dropped) result.  In-process."""
+    from routerdriver import CLIENT, WORKER, Driver
+
+    d = Driver(tmp_path / "data", credit=2)
+    [jid] = d.submit(1)
+    d.tick()
+    assert [j["id"] for j in d.running] == [jid]
+    d.close()  # the router stops (its log is durable): the job was running on w1
+    r = _restarted_router(tmp_path / "data")
+    assert jid in r.queue.leases
+    ready = {"script": "s.py:f", "credit": 2, "name": "w1", **({"supervisor": "sup-1"} if supervised else {})}
+    stop_to = b"sup-1" if supervised else WORKER
+
+    def stops() -> list[dict[str, Any]]:
+        out = [orjson.loads(f[1]) for ident, f in r.sock.sent if f[0] == P.H_R_CANCEL and ident == stop_to]
+        assert all(ident == stop_to for ident, f in r.sock.sent if f[0] == P.H_R_CANCEL)
+        return out
+
+    if registered == "before":
+        r._handle([WORKER, P.header(P.WORKER, P.W_READY), orjson.dumps(ready)])
+    r._handle([CLIENT, P.header(P.CLIENT, P.C_CANCEL), orjson.dumps({"req": 7, "id": jid, "reason": "stop it",
+                                                                       "by": "tester"})])
+    r._commit()
+    assert r.archive.get(jid).status == "canceled"
+    if registered == "after":
+        assert stops() == []  # nobody to tell yet
+        r._handle([WORKER, P.header(P.WORKER, P.W_READY), orjson.dumps(ready)])
+    assert stops() == [{"id": jid, "attempt": 1, "reason": "canceled by tester: stop it"}]
+    reply = [orjson.loads(f[1]) for ident, f in r.sock.sent if ident == CLIENT and f[0] == P.H_REPLY]
+    assert reply and reply[-1]["canceled"] is True and "w1" in reply[-1]["message"]
+    # Its (dropped) report changes nothing; a second READY sends no second stop.
+    r._handle([WORKER, P.header(P.WORKER, P.W_READY), orjson.dumps(ready)])
+    assert len(stops()) == 1
+    r._handle([WORKER, P.header(P.WORKER, P.W_RESULT), orjson.dumps({"worker": "w1", "results": [
+        {"id": jid, "attempt": 1, "status": "failure", "logs": "",
+         "error": {"type": "Canceled", "message": "x", "traceback": ""}}]})])
+    r._commit()
+    assert r.archive.get(jid).status == "canceled" and r.queue.jobs == {}
+    r.log.close()
+
+
+def test_cancel_after_a_router_restart_kills_the_leased_job_on_its_cold_worker(zr: Cluster, tmp_path: Path) -> None:
+    """End to end: a cold worker runs a 60 s job; the router is killed -9 and restarted on the same
+    address; the job is canceled right away (its worker may or may not have registered again yet).
+    The worker is told and kills the job's process within seconds.  About 4 s."""
+    script = f"{_jobs(tmp_path)}:slow_once"
+    zr.start_router(heartbeat=HB)
+    c = zr.client(timeout=10)
+    zr.start_worker(None, name="cold-L", heartbeat=HB)
+    marker = tmp_path / "l.pid"
+    j = c.submit(script, {"marker": str(marker), "seconds": 60})
+    job_pid = _read_pid(marker)
+    zr.router_proc.kill9()
+    zr.start_router(heartbeat=HB, address=zr.address)
+    res = c.cancel(j.id, reason="restart test")
+    assert res.canceled and "cold-L" in res.message, res
+    wait_until(lambda: _gone(job_pid), timeout=10, what="the canceled job's process to be killed")
+    assert c.get(j.id).status == "canceled"
+    wait_until(lambda: "cold-L" in zr.worker_names(), timeout=10, what="the worker to register again")

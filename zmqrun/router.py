@@ -57,7 +57,9 @@ BACKLOG_RETRY = 0.005  # seconds between retries of messages held for peers at t
 # A finished job whose args or result took more than this (bytes per job in its message) is not kept
 # in the archive's recent-jobs cache (S5): lookups read it back from the log instead.
 BIG_JOB_BYTES = 64 * 1024
-MAX_BACKLOG = 1_000_000  # messages held per peer at its HWM; beyond that the oldest are dropped (counted)
+MAX_BACKLOG = 1_000_000
+LEASE_CANCEL_TTL = 3600.0  # seconds a stop for a canceled leased job waits for its worker to register again
+MAX_LEASE_CANCELS = 10_000  # such stops kept per worker name  # messages held per peer at its HWM; beyond that the oldest are dropped (counted)
 _MORE, _LAST = P.MORE_NOBLOCK, P.NOBLOCK
 MAX_DRAIN = 5000  # messages handled per wake-up before the loop services the log and timers
 FAILED_GRACE = 1.0  # seconds a router whose log failed answers requests with the error before it exits
@@ -238,6 +240,9 @@ class Router:
         # Messages to peers whose send queue was at its HWM (EAGAIN), in order; retried every iteration.
         self._backlog: dict[bytes, collections.deque[list[bytes]]] = {}
         self._big: set[str] = set()  # live jobs with large args or result: not cached once finished (S5)
+        # Stops for canceled jobs that were leased after a restart to a worker (by name) that has not
+        # registered again yet: sent when it does (name -> [(monotonic time, CANCEL body)]).
+        self._lease_cancels: dict[str, list[tuple[float, bytes]]] = {}
         self._supervised: dict[bytes, bytes] = {}  # supervisor routing id -> its worker's (see zmqrun.supervisor)
         self._running = False
         self._dirty = False
@@ -943,9 +948,12 @@ class Router:
         if job.attempt_errors:  # the terminal record keeps what the archive shows (see zmqrun.archive)
             rec["attempt_errors"] = job.attempt_errors
         holder = None
+        leased_to = None
         if job.status == RUNNING:
             holder = next((w for w in self.queue.workers.values() if w.in_flight.get(job.id) == job.attempts), None)
             rec["running_on"] = job.worker
+            if holder is None and job.id in self.queue.leases:
+                leased_to = job.worker  # after a restart: the worker that ran it may still be running it
         self._relog_submits([job])
         seq = self.log.append(CANCEL, orjson.dumps(rec), eager=True)
         apply_cancel(job, rec)
@@ -955,8 +963,24 @@ class Router:
             stop = orjson.dumps({"id": job.id, "attempt": job.attempts, "reason": f"canceled by {by}: {reason}"})
             self._send(holder.supervisor or holder.identity, [P.H_R_CANCEL, stop])
             message = f"canceled; its worker {holder.name} is stopping it"
+        elif leased_to is not None:
+            message = self._cancel_leased(job, leased_to, f"canceled by {by}: {reason}")
         self._send_gated(seq, ident, [P.H_REPLY, orjson.dumps({"req": req, "canceled": True, "status": CANCELED,
                                                                "message": message})])
+
+    def _cancel_leased(self, job: Job, name: str, reason: str) -> str:
+        """A canceled job was leased after a restart to the worker named ``name``: tell that worker to stop
+        it now if it has registered again (it has not reported the job yet), else when it does (see
+        :meth:`_ready`).  Returns the message for the client."""
+        stop = orjson.dumps({"id": job.id, "attempt": job.attempts, "reason": reason})
+        for w in self.queue.workers.values():
+            if w.name == name:
+                self._send(w.supervisor or w.identity, [P.H_R_CANCEL, stop])
+                return f"canceled; its worker {name} is stopping it"
+        pending = self._lease_cancels.setdefault(name, [])
+        pending.append((time.monotonic(), stop))
+        del pending[:-MAX_LEASE_CANCELS]
+        return f"canceled; its worker {name} will be told to stop it when it registers again"
 
     def status(self) -> dict[str, Any]:
         """Workers (name, script, credit, in_flight) and job counts, for ``zmqrun status``."""
@@ -1037,9 +1061,22 @@ class Router:
             slot.supervisor = sup.encode()
             self._supervised[slot.supervisor] = ident
         self.queue.add_worker(slot)
+        if self._lease_cancels:
+            self._send_lease_cancels(slot)
         log.info("worker %s ready: %s, credit %d%s", name, script or "any script (cold path)", credit,
                  f", tags {', '.join(sorted(tags))}{' and untagged jobs' if untagged else ''}" if tags else "")
         self._dirty = True
+
+    def _send_lease_cancels(self, w: WorkerSlot) -> None:
+        """A worker registered: send it the stops of canceled jobs leased to its name (see
+        :meth:`_cancel_leased`); forget stops older than :data:`LEASE_CANCEL_TTL`."""
+        stops = self._lease_cancels.pop(w.name, None)
+        oldest = time.monotonic() - LEASE_CANCEL_TTL
+        for name in [n for n, v in self._lease_cancels.items() if v[-1][0] < oldest]:
+            del self._lease_cancels[name]
+        for at, stop in stops or ():
+            if at >= oldest:
+                self._send(w.supervisor or w.identity, [P.H_R_CANCEL, stop])
 
     def _results(self, w: WorkerSlot, body: bytes) -> None:
         """A worker's RESULT batch: record each report that settles a job's current attempt, drop the rest.
