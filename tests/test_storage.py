@@ -70,7 +70,7 @@ def test_rolls_write_index_files_and_snapshots_and_restart_reads_old_jobs_from_d
 
 def test_retention_by_size_keeps_disk_bounded_and_old_jobs_read_as_unknown(zr: Cluster, tmp_path: Path) -> None:
     script = f"{write_script(tmp_path, 'echo.py', ECHO)}:echo"
-    zr.start_router(extra=(*SEGMENT, "--retain-mb", "0.5"))
+    zr.start_router(extra=(*SEGMENT, "--retain-bytes", "512KiB"))
     zr.start_worker(script)
     c = zr.client()
     pad = "x" * 200
