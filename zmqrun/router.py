@@ -57,9 +57,9 @@ BACKLOG_RETRY = 0.005  # seconds between retries of messages held for peers at t
 # A finished job whose args or result took more than this (bytes per job in its message) is not kept
 # in the archive's recent-jobs cache (S5): lookups read it back from the log instead.
 BIG_JOB_BYTES = 64 * 1024
-MAX_BACKLOG = 1_000_000
+MAX_BACKLOG = 1_000_000  # messages held per peer at its HWM; beyond that the oldest are dropped (counted)
 LEASE_CANCEL_TTL = 3600.0  # seconds a stop for a canceled leased job waits for its worker to register again
-MAX_LEASE_CANCELS = 10_000  # such stops kept per worker name  # messages held per peer at its HWM; beyond that the oldest are dropped (counted)
+MAX_LEASE_CANCELS = 10_000  # such stops kept per worker name
 _MORE, _LAST = P.MORE_NOBLOCK, P.NOBLOCK
 MAX_DRAIN = 5000  # messages handled per wake-up before the loop services the log and timers
 FAILED_GRACE = 1.0  # seconds a router whose log failed answers requests with the error before it exits
