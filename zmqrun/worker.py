@@ -7,6 +7,9 @@ prefetch), then receives JOBS batches and answers with RESULT batches; each
 result returns one credit.  Heartbeats flow both ways; a router silent for
 heartbeat x liveness seconds, or a DISCONNECT from it, makes the worker close
 its socket, back off (1 s doubling to 32 s, with jitter) and register again.
+So does a poll that returns more than the liveness window late (this process
+was frozen: SIGSTOP, a suspended VM): the router has dropped the session, so
+jobs buffered in its socket meanwhile are not run (two clock reads per poll).
 
 Result retention: every RESULT batch is numbered and kept until the router
 acknowledges it (``"acked": n`` in a JOBS or HEARTBEAT body, sent once the log
