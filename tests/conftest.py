@@ -139,6 +139,7 @@ class Cluster:
         self.procs: list[Proc] = []
         self.clients: list[Client] = []
         self.router_proc: Proc | None = None
+        self.curve: Any = None  # zmqrun.CurveKeys for the clients made here, with a router that uses CURVE
         self._n = 0
 
     # -- processes ------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Cluster:
                 args += ["--heartbeat", str(heartbeat)]
             p = self.spawn("router", args, env=env, program=program)
             self.address = addr
-            with Client(addr, timeout=0.5) as c:
+            with Client(addr, timeout=0.5, curve=self.curve) as c:
                 end = time.monotonic() + READY_TIMEOUT
                 while time.monotonic() < end and p.alive():
                     try:
@@ -198,6 +199,9 @@ class Cluster:
             args += ["--prefetch", str(prefetch)]
         if heartbeat is not None:
             args += ["--heartbeat", str(heartbeat)]
+        if script is None and "--scripts" not in extra:
+            # A normal worker runs only scripts under its roots: the test's files and the bundled examples.
+            args += ["--scripts", str(cwd or self.tmp), "--scripts", "zmqrun.examples"]
         args += list(extra)
         p = self.spawn(f"worker-{name}", args, cwd)
         p.worker_name = name  # type: ignore[attr-defined]
@@ -206,7 +210,7 @@ class Cluster:
         return p
 
     def worker_names(self) -> list[str]:
-        with Client(self.address, timeout=5) as c:
+        with Client(self.address, timeout=5, curve=self.curve) as c:
             return [w["name"] for w in c.status()["workers"]]
 
     def wait_worker(self, name: str, proc: Proc | None = None, timeout: float = READY_TIMEOUT) -> None:
@@ -220,7 +224,7 @@ class Cluster:
     # -- clients and CLI ------------------------------------------------------------------
 
     def client(self, timeout: float = 10.0, address: str | None = None) -> Client:
-        c = Client(address or self.address, timeout=timeout)
+        c = Client(address or self.address, timeout=timeout, curve=self.curve)
         self.clients.append(c)
         return c
 
