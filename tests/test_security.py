@@ -25,7 +25,7 @@ from zmqrun.allowlist import ScriptPolicy
 from zmqrun.security import generate_keys, is_loopback_endpoint
 from zmqrun.worker import Worker
 
-from conftest import FIBO, Cluster, free_port, subprocess_env, write_script
+from conftest import FIBO, Cluster, free_port, subprocess_env, wait_until, write_script
 
 OUTSIDE = "def main():\n    open(__file__ + '.ran', 'w').close()\n    return 'outside ran'\n"
 
@@ -140,7 +140,7 @@ def test_worker_with_unknown_key_never_registers(sec: tuple[Cluster, Keys]) -> N
     cluster, keys = sec
     p = cluster.start_worker(FIBO, name="warm-eve", wait=False, extra=keys.peer_args(keys.eve))
     try:
-        time.sleep(1.5)
+        wait_until(lambda: "refused this client's CURVE key" in p.output(), 15, what="the worker to log the refusal")
         assert p.alive()
         assert "warm-eve" not in cluster.worker_names()
     finally:

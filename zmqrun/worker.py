@@ -220,6 +220,7 @@ class Worker:
             self.identity = self.name.encode()[:200] + b"~" + secret_suffix().encode()
         # Normal worker: the scripts it may run (zmqrun.allowlist); a dedicated worker runs only its own.
         self.policy = ScriptPolicy(scripts) if script is None else None
+        self._watch: Any = None  # with CURVE: the connection watch while waiting for the router
         self.timeout = timeout
         self.board = board
         self.supervisor = supervisor
@@ -313,6 +314,9 @@ class Worker:
         P.configure_peer_socket(sock, self.identity, linger_ms=1000)
         if self.curve is not None:
             self.curve.apply(sock)
+            from .client import ConnectionWatch
+
+            self._watch = ConnectionWatch(sock)  # names a refused CURVE key in the warning below
         sock.connect(self.connect)
         return sock
 
@@ -343,11 +347,20 @@ class Worker:
                               "tags": self.tags, "untagged": self.untagged})
         # IMMEDIATE=1: READY waits until a connection to the router exists.
         started, next_warning = time.monotonic(), 5.0
+        refused = False
         while self._running and not sock.poll(100, zmq.POLLOUT):
             waited = time.monotonic() - started
+            if self._watch is not None and not refused and (why := self._watch.failure()):
+                refused = True
+                log.error("cannot connect to the router at %s: %s; still trying", self.connect, why)
             if waited >= next_warning:
-                log.warning("no router reachable at %s yet (%.0f s); still trying", self.connect, waited)
+                why = self._watch.failure() if self._watch is not None else None
+                log.warning("no router reachable at %s yet (%.0f s)%s; still trying", self.connect, waited,
+                            f": {why}" if why else "")
                 next_warning += 30.0
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if not self._running:
             sock.close(0)
             return "stopped", False
