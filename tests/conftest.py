@@ -24,6 +24,7 @@ from zmqrun import Client, RouterUnavailable
 FIBO = "zmqrun.examples.demo:fibo"
 WORDS = "zmqrun.examples.demo:words"
 READY_TIMEOUT = 15.0  # seconds to wait for a router or worker to come up
+EXAMPLES_DIR = str(Path(__import__("zmqrun.examples", fromlist=["x"]).__file__).parent)  # the bundled examples
 HEARTBEAT = 0.5  # default --heartbeat for routers and workers here: quick shutdown, no spurious losses
 
 
@@ -200,8 +201,9 @@ class Cluster:
         if heartbeat is not None:
             args += ["--heartbeat", str(heartbeat)]
         if script is None and "--scripts" not in extra:
-            # A normal worker runs only scripts under its roots: the test's files and the bundled examples.
-            args += ["--scripts", str(cwd or self.tmp), "--scripts", "zmqrun.examples"]
+            # A normal worker runs only scripts under its roots: the test's files and the bundled examples
+            # (named as modules, and as files).
+            args += ["--scripts", str(cwd or self.tmp), "--scripts", "zmqrun.examples", "--scripts", EXAMPLES_DIR]
         args += list(extra)
         p = self.spawn(f"worker-{name}", args, cwd)
         p.worker_name = name  # type: ignore[attr-defined]
