@@ -637,14 +637,14 @@ class Router:
         """:meth:`_drain` with CURVE: each message's key must have the role its command needs (see
         :mod:`zmqrun.security`); a refused one gets an ERROR and changes nothing."""
         msgs = recv_ready_auth(sock, MAX_DRAIN)
-        handle, allowed = self._handle, self._guard.allowed  # type: ignore[union-attr]
+        guard = self._guard
+        handle, permits = self._handle, guard.permits  # type: ignore[union-attr]
         for frames, uid in msgs:
-            if len(frames) >= 2 and len(frames[1]) == 5:
-                why = allowed(uid, frames[1][:4], frames[1][4])
-                if why is not None:
-                    self.stats["role_refused"] += 1
-                    self._error(frames[0], _request_id(frames[2]) if len(frames) > 2 else None, why)
-                    continue
+            if len(frames) >= 2 and len(frames[1]) == 5 and not permits(uid, frames[1]):
+                why = guard.allowed(uid, frames[1][:4], frames[1][4])  # type: ignore[union-attr]
+                self.stats["role_refused"] += 1
+                self._error(frames[0], _request_id(frames[2]) if len(frames) > 2 else None, why or "role")
+                continue
             handle(frames)
         if len(msgs) == MAX_DRAIN:
             self._dirty = True

@@ -245,23 +245,38 @@ class RoleGuard:
 
     def __init__(self) -> None:
         self._warned: dict[str, float] = {}
+        self._verdicts: dict[tuple[str, bytes], bool] = {}  # (User-Id, header) -> permitted
         self.refused = 0
 
-    def allowed(self, user_id: str, kind: bytes, cmd: int) -> str | None:
-        """None if allowed; else why not (one line)."""
-        worker_cmd = kind == b"ZRW1" or 0x11 <= cmd <= 0x1F
+    def permits(self, user_id: str, header: bytes) -> bool:
+        """Whether the key behind ``user_id`` may send a message with this 5-byte ``header`` (cached: the
+        hot path costs one dict lookup per message)."""
+        key = (user_id, header)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            if len(self._verdicts) > 10_000:  # headers are the peer's bytes: keep the cache bounded
+                self._verdicts.clear()
+            verdict = self._verdicts[key] = self._need(user_id, header[:4], header[4]) is None
+        return verdict
+
+    @staticmethod
+    def _need(user_id: str, kind: bytes, cmd: int) -> str | None:
+        """The role the command needs that the key lacks ("client" or "worker"), or None."""
         roles = user_id.partition(":")[0]
-        if worker_cmd:
-            if ROLE_WORKER in roles:
-                return None
-            need = "worker"
-        else:
-            if kind != b"ZRC1" or ROLE_CLIENT in roles:
-                return None  # not a client command: the normal checks answer it
-            need = "client"
+        if kind == b"ZRW1" or 0x11 <= cmd <= 0x1F:
+            return None if ROLE_WORKER in roles else "worker"
+        if kind != b"ZRC1" or ROLE_CLIENT in roles:
+            return None  # not a client command: the normal checks answer it
+        return "client"
+
+    def allowed(self, user_id: str, kind: bytes, cmd: int) -> str | None:
+        """None if allowed; else why not (one line), counted and logged (rate-limited)."""
+        need = self._need(user_id, kind, cmd)
+        if need is None:
+            return None
         self.refused += 1
-        name = user_id.partition(":")[2]
-        has = "a client key" if ROLE_CLIENT in roles else "a worker key"
+        roles, _, name = user_id.partition(":")
+        has = "a client key" if ROLE_CLIENT in roles else "a worker key" if roles else "an unknown key"
         why = f"role: key {name!r} is {has}; command {cmd:#04x} needs a {need} key"
         now = time.monotonic()
         if now - self._warned.get(user_id, -1e9) >= WARN_INTERVAL:
