@@ -49,6 +49,8 @@ from .model import (CANCELED, DEFAULT_BACKOFF, FINISHED, MAX_RETRIES, QUEUED, RU
 from .queue import (Job, JobQueue, WorkerSlot, apply_cancel, apply_lost, apply_result, attempt_open, job_from,
                     retry_delay)
 from .scripts import ScriptError, split_spec
+from .security import (RoleGuard, RouterCurve, check_bind, key_table, make_authenticator, recv_ready_auth,
+                       setup_router_socket)
 
 log = logging.getLogger("zmqrun.router")
 
@@ -189,7 +191,8 @@ class Router:
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, retain_days: float | None = None,
                  retain_bytes: int | None = None, background_checkpoints: bool = True,
-                 recovery_lease: float | None = None, sndhwm: int = 0) -> None:
+                 recovery_lease: float | None = None, sndhwm: int = 0, curve: RouterCurve | None = None,
+                 insecure: bool = False) -> None:
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60) or not 1 <= liveness <= 100:
             raise ValueError("heartbeat must be 0.01 to 60 seconds and liveness 1 to 100")
         self.bind = bind
@@ -251,6 +254,10 @@ class Router:
         self.endpoint = bind
         self.stats = collections.Counter()
         self.late_results = 0  # reports accepted from a worker that registered again (see _results)
+        # CURVE (zmqrun.security): the ZAP handler, and the role check of every message's key.
+        self.curve, self.insecure = curve, insecure
+        self._auth: Any = None
+        self._guard: RoleGuard | None = None
 
     # -- recovery -----------------------------------------------------------------------
 
@@ -510,8 +517,11 @@ class Router:
         Binding first means a busy port fails before anything touches the data
         dir, and peers that connect during recovery just wait in the socket.
         """
+        check_bind(self.bind, self.curve is not None, self.insecure)
         self.ctx = zmq.Context()
         s = self.ctx.socket(zmq.ROUTER)
+        if self.curve is not None:
+            self._start_curve(s)
         # ROUTER_MANDATORY: a send to an unknown or gone peer raises EHOSTUNREACH
         # instead of being dropped silently (S1), so a dispatch to a dead worker
         # is re-queued at once.
@@ -535,11 +545,29 @@ class Router:
             s.bind(self.bind)
         except zmq.ZMQError:
             s.close(0)
+            if self._auth is not None:
+                self._auth.stop()
             raise
         self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = s
         self.log = JobLog(self.data_dir, self.policy, self.segment_bytes)
         self.recover()
+
+    def _start_curve(self, s: zmq.Socket) -> None:
+        """CURVE server on ``s`` with the ZAP handler started first (libzmq lets any key in while none
+        runs); raises SecurityError for unusable key files."""
+        assert self.curve is not None and self.ctx is not None
+        try:
+            table = key_table(self.curve)
+            setup_router_socket(s, self.curve)
+        except Exception:
+            s.close(0)
+            raise
+        self._auth = make_authenticator(self.ctx, table)
+        self._guard = RoleGuard()
+        roles = collections.Counter(uid.partition(":")[0] for uid in table.values())
+        log.info("CURVE on: %d client key(s), %d worker key(s), %d with both roles", roles["c"], roles["w"],
+                 roles["cw"])
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its current iteration and shut down (signal-safe)."""
@@ -629,12 +657,30 @@ class Router:
         return True
 
     def _drain(self, sock: zmq.Socket) -> None:
+        if self._guard is not None:
+            return self._drain_authenticated(sock)
         msgs = P.recv_ready(sock, MAX_DRAIN)
         handle = self._handle
         for frames in msgs:
             handle(frames)
         if len(msgs) == MAX_DRAIN:
             self._dirty = True  # more may be waiting; the next poll returns at once
+
+    def _drain_authenticated(self, sock: zmq.Socket) -> None:
+        """:meth:`_drain` with CURVE: each message's key must have the role its command needs (see
+        :mod:`zmqrun.security`); a refused one gets an ERROR and changes nothing."""
+        msgs = recv_ready_auth(sock, MAX_DRAIN)
+        guard = self._guard
+        handle, permits = self._handle, guard.permits  # type: ignore[union-attr]
+        for frames, uid in msgs:
+            if len(frames) >= 2 and len(frames[1]) == 5 and not permits(uid, frames[1]):
+                why = guard.allowed(uid, frames[1][:4], frames[1][4])  # type: ignore[union-attr]
+                self.stats["role_refused"] += 1
+                self._error(frames[0], _request_id(frames[2]) if len(frames) > 2 else None, why or "role")
+                continue
+            handle(frames)
+        if len(msgs) == MAX_DRAIN:
+            self._dirty = True
 
     def _shutdown(self) -> None:
         log.info("router stopping: flushing the job log")
@@ -645,6 +691,8 @@ class Router:
             self._flush_gated()
         if self.sock is not None:
             self.sock.close(linger=200)
+        if self._auth is not None:
+            self._auth.stop()
         if self.ctx is not None:
             self.ctx.term()
 
