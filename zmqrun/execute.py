@@ -130,8 +130,7 @@ class OutputCapture:
         buf = getattr(self._local, "buf", None)
         if buf is None:
             return self._real.write(text)
-        buf.append(text)
-        return len(text)
+        return buf.write(text)  # a zmqrun.livelogs.JobOutput: capped, and visible to the live-log pump
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
@@ -168,12 +167,20 @@ def install_capture() -> None:
         _installed = True
 
 
-def run_captured(func: Callable[..., Any], args: dict[str, Any]) -> tuple[bytes, float, float, str]:
-    """:func:`run_job` with this thread's stdout/stderr captured; returns (fragment, started, finished, logs)."""
-    buf: list[str] = []
-    _capture_local.buf = buf
+def run_captured(func: Callable[..., Any], args: dict[str, Any],
+                 output: Any = None) -> tuple[bytes, float, float, str]:
+    """:func:`run_job` with this thread's stdout/stderr captured; returns (fragment, started, finished, logs).
+
+    ``output``: the :class:`zmqrun.livelogs.JobOutput` that collects the writes (a worker registers it
+    for its live-log pump); default a new one with the default cap.  ``logs`` is its final text.
+    """
+    if output is None:
+        from .livelogs import JobOutput
+
+        output = JobOutput("", 0)
+    _capture_local.buf = output
     try:
         frag, started, finished = run_job(func, args)
     finally:
         _capture_local.buf = None
-    return frag, started, finished, "".join(buf)
+    return frag, started, finished, output.text()

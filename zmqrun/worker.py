@@ -57,6 +57,7 @@ import zmq
 from . import protocol as P
 from .board import JobBoard
 from .execute import error_report, install_capture, run_captured
+from .livelogs import DEFAULT_MAX_LOG_BYTES, JobOutput, LogPump, check_max_log_bytes
 from .model import valid_tag
 from .scripts import load_function
 
@@ -95,16 +96,20 @@ def canceled_result(job: dict[str, Any], reason: str) -> bytes:
 
 def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None,
              timeout: float | None = None,
-             on_start: Callable[[str, subprocess.Popen[bytes]], None] | None = None) -> bytes:
+             on_start: Callable[[str, subprocess.Popen[bytes]], None] | None = None,
+             output: JobOutput | None = None) -> bytes:
     """Run one job in a fresh Python process (the cold path); return its encoded result.
 
     ``timeout`` (seconds) applies when the job has none of its own.  ``on_start(job_id, proc)`` is
-    called once the process exists (the worker keeps it to kill on a CANCEL).  Raises nothing
+    called once the process exists (the worker keeps it to kill on a CANCEL).  ``output`` collects
+    the process's stdout and stderr as they arrive (capped; the worker's live-log pump reads it);
+    default a new :class:`~zmqrun.livelogs.JobOutput` with the default cap.  Raises nothing
     for job-level problems: a crash, a timeout (kills the whole process group) or an unreadable
     outcome become a failure result.
     """
     started = time.time()
     timeout = job.get("timeout") or timeout
+    out = output if output is not None else JobOutput(job["id"], job["attempt"])
     rfd, wfd = os.pipe()
     try:
         # -u: unbuffered stdout and stderr, so the job's logs keep the order it printed in.
@@ -123,15 +128,21 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
     outcome = bytearray()
     reader = threading.Thread(target=_read_all, args=(rfd, outcome), daemon=True)
     reader.start()
+    # The job's output is read as it comes (not at exit, as communicate() would), so it can stream.
+    assert proc.stdout is not None and proc.stdin is not None
+    out_reader = threading.Thread(target=_read_output, args=(proc.stdout, out), daemon=True)
+    out_reader.start()
+    _feed_stdin(proc.stdin, orjson.dumps({"script": job["script"], "args": job["args"]}))
     try:
-        out, _ = proc.communicate(orjson.dumps({"script": job["script"], "args": job["args"]}), timeout=timeout)
+        proc.wait(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        out, _ = proc.communicate()
+        proc.wait()
         timed_out = True
     reader.join(5)
-    logs = out.decode("utf-8", "replace")
+    out_reader.join(5)  # bounded: a grandchild that keeps the pipe open does not hold the result back
+    logs = out.text()
     if timed_out:
         frag = _error_frag("Timeout", f"job exceeded its timeout of {timeout:g} s and was killed")
     elif outcome:
@@ -146,6 +157,41 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
 def _read_all(fd: int, into: bytearray) -> None:
     with os.fdopen(fd, "rb") as f:
         into.extend(f.read())
+
+
+def _read_output(pipe: Any, out: JobOutput) -> None:
+    """Copy a cold job's stdout pipe into ``out`` as data arrives, until EOF."""
+    fd = pipe.fileno()
+    try:
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            out.write_bytes(data)
+    except OSError:
+        pass
+    finally:
+        pipe.close()
+
+
+def _feed_stdin(pipe: Any, data: bytes) -> None:
+    """Write the job to the child's stdin and close it; never blocks the caller for long: a payload
+    larger than a pipe's buffer is written by a thread (the child reads it first thing)."""
+    def feed() -> None:
+        try:
+            pipe.write(data)
+        except (BrokenPipeError, OSError):
+            pass  # the child died first: its exit code tells
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    if len(data) <= 60_000:  # fits in an empty pipe (64 KiB on Linux): no blocking
+        feed()
+    else:
+        threading.Thread(target=feed, daemon=True).start()
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -185,8 +231,10 @@ class Worker:
     ``board``, ``identity``, ``supervisor``: set by :mod:`zmqrun.supervisor` for
     its child (the shared job board, this child's routing id, the supervisor's).
     ``tags``: the job tags this worker takes (worker groups); ``untagged``: whether it
-    also takes untagged jobs (default: only when it has no tags).  Raises
-    ValueError for an invalid tag.
+    also takes untagged jobs (default: only when it has no tags).  ``max_log_bytes``:
+    bytes of output kept per job (the rest is dropped and counted in a marker at the
+    end of its logs; see :mod:`zmqrun.livelogs`).  Raises ValueError for an invalid
+    tag or cap.
     Raises :class:`zmqrun.scripts.ScriptError` from :meth:`start` if the script
     cannot be imported (before READY).
     """
@@ -195,8 +243,13 @@ class Worker:
                  prefetch: int | None = None, heartbeat: float = P.HEARTBEAT_INTERVAL,
                  liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None, timeout: float | None = None,
                  board: JobBoard | None = None, identity: str | None = None,
-                 supervisor: str | None = None, tags: tuple[str, ...] = (), untagged: bool | None = None) -> None:
+                 supervisor: str | None = None, tags: tuple[str, ...] = (), untagged: bool | None = None,
+                 max_log_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
+        self.max_log_bytes = check_max_log_bytes(max_log_bytes)
+        self._outputs: dict[str, JobOutput] = {}  # running jobs' output, read by the live-log pump
+        self._pump = LogPump(connect, self._outputs,
+                             on_error=lambda e: log.warning("live logs stopped: %r", e))
         self.connect = connect
         self.script = script
         self.concurrency = concurrency
@@ -254,6 +307,7 @@ class Worker:
             install_capture()
         if self.board is not None:
             self.board.set_serving()
+        self._pump.start()
         if not self._inline:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="zmqrun-job")
         elif self.board is None:  # supervised: the supervisor's heartbeats cover long jobs
@@ -290,6 +344,7 @@ class Worker:
             log.info("worker %s stopping", self.name)
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pump.stop()
             self.ctx.term()
         return 0
 
@@ -510,6 +565,7 @@ class Worker:
         """
         func = self.func
         board, default_timeout = self.board, self.timeout
+        outputs, cap = self._outputs, self.max_log_bytes
         first_unflushed = 0.0
         while self._pending and self._running:  # stopping: unstarted jobs go back to the router
             job = self._pending.popleft()
@@ -519,9 +575,11 @@ class Worker:
                 board.begin(0, job["id"], job["attempt"], job.get("timeout") or default_timeout)
             self._in_job = True
             self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
+            out = outputs[job["id"]] = JobOutput(job["id"], job["attempt"], cap)
             try:
-                frag, started, finished, logs = run_captured(func, job["args"])  # type: ignore[arg-type]
+                frag, started, finished, logs = run_captured(func, job["args"], out)  # type: ignore[arg-type]
             finally:
+                outputs.pop(job["id"], None)
                 self._sock_lock.acquire()
                 self._in_job = False
                 if board is not None:
@@ -536,6 +594,7 @@ class Worker:
     def _run_pooled(self, job: dict[str, Any]) -> None:
         board = self.board
         slot = -1
+        out = self._outputs[job["id"]] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
         try:
             if self.func is not None:
                 if board is not None:
@@ -543,11 +602,11 @@ class Worker:
                     if slot < 0:
                         slot = self._slot_of.slot = next(self._slots_taken)
                     board.begin(slot, job["id"], job["attempt"], job.get("timeout") or self.timeout)
-                frag, started, finished, logs = run_captured(self.func, job["args"])
+                frag, started, finished, logs = run_captured(self.func, job["args"], out)
                 data = _result_bytes(job, frag, started, finished, logs)
             else:
                 try:
-                    data = run_cold(job, timeout=self.timeout, on_start=self._cold_started)
+                    data = run_cold(job, timeout=self.timeout, on_start=self._cold_started, output=out)
                 finally:
                     self._procs.pop(job["id"], None)
                     self._cancel_ids.discard(job["id"])
@@ -555,6 +614,7 @@ class Worker:
             data = _result_bytes(job, b'"status":"failure","error":' + orjson.dumps(error_report(e)),
                                  time.time(), time.time(), "")
         finally:
+            self._outputs.pop(job["id"], None)
             if slot >= 0:
                 board.end(slot)  # type: ignore[union-attr]
         self._done.append(data)
