@@ -318,9 +318,9 @@ def jobs_logs(job_id: str, follow: bool, address: str, client_timeout: float) ->
         last = "\n"
         try:
             for chunk in stream:
+                last = chunk[-1]
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
-                last = chunk[-1]
         except KeyboardInterrupt:
             stream.close()  # unsubscribe
             if last != "\n":
