@@ -30,6 +30,7 @@ from zmqrun.livelogs import FollowState, JobOutput, LiveLog, dropped_marker
 
 JOBS = """\
 import sys
+import time
 
 def work(mode="tick", seconds=3.0, lines=0, every=0.0, size=10):
     if mode == "tick":              # a partial line, then a long sleep
@@ -86,7 +87,7 @@ def test_follow_shows_a_partial_line_while_the_job_runs(zl: Cluster, path: str) 
     first = next(stream)
     # "tick" has no newline and the job sleeps 3 s after it: it must arrive while the job still runs.
     record = c.get(jid)
-    assert first == "tick" and record.status == "running", (first, record.status)
+    assert first == "tick" and record.status == "running", (first, record.status, record.error)
     assert record.worker == PATHS[path][2]
     assert "".join(c.logs(jid)) == "tick"  # follow=False on a running job: what arrived so far
     rest = list(stream)  # ends when the job ends
@@ -149,7 +150,7 @@ def test_cli_follow_prints_as_it_arrives_and_ctrl_c_exits_cleanly(zl: Cluster) -
             p.wait(5)
     assert (p.returncode, got + out, err) == (0, b"tick tock\n", b"")
 
-    jid = _submit(c, "warm", mode="tick", seconds=3.0)
+    jid = _submit(c, "warm", mode="tick", seconds=2.0)
     argv[5] = jid
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=zl.tmp, env=subprocess_env())
     try:

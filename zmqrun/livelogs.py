@@ -11,8 +11,9 @@ dropped.
 
 One :class:`LogPump` thread per worker process wakes every
 :data:`FLUSH_SECONDS` and sends, in one ``W_LOG`` message on its own DEALER
-socket, the output that jobs running for at least that long wrote since its
-last look (whole lines or not: a partial line shows up too).  A job that
+socket, the output that jobs that were running at its previous wake-up already
+(so for 0.1 to 0.2 s) wrote since its last look (whole lines or not: a partial
+line shows up too).  A job that
 finishes sooner sends its output only inside its result, as before: no
 message and no thread hop per job; the job's own cost is one small object and
 one dict entry.  Chunks carry the job id, attempt and the character offset of
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import codecs
 import threading
-import time
 from typing import Any, Callable
 
 FLUSH_SECONDS = 0.1  # seconds: the pump's period, and how long a job runs before its output streams
@@ -62,29 +62,34 @@ class JobOutput:
     under the GIL, so no lock is taken per write.
     """
 
-    __slots__ = ("id", "attempt", "cap", "started", "parts", "size", "dropped", "sent", "offset", "_decoder")
+    # Class-level defaults: one per job on the warm path's hot path, so __init__ sets only what it must.
+    dropped = 0  # bytes dropped past the cap
+    sent = 0  # parts the pump has sent
+    offset = 0  # characters the pump has sent
+    _decoder: Any = None  # the cold path's incremental UTF-8 decoder
 
     def __init__(self, job_id: str, attempt: int, cap: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.id = job_id
         self.attempt = attempt
         self.cap = cap
-        self.started = time.monotonic()
         self.parts: list[str] = []
         self.size = 0  # bytes kept
-        self.dropped = 0  # bytes dropped past the cap
-        self.sent = 0  # parts the pump has sent
-        self.offset = 0  # characters the pump has sent
-        self._decoder: Any = None
 
     def write(self, text: str) -> int:
         """Keep ``text`` (or the part of it that fits under the cap); return len(text) as ``io`` does.
 
         Raises TypeError for anything but a str (as a text stream does)."""
-        if type(text) is not str:
-            if not isinstance(text, str):
-                raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if type(text) is str and text.isascii():  # the common case, kept short: it runs per print
+            n = len(text)
+            if self.size + n <= self.cap:
+                self.parts.append(text)
+                self.size += n
+                return n
+        elif not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        else:
             text = str(text)
-        n = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+            n = _utf8_len(text)
         room = self.cap - self.size
         if n <= room:
             if n:
@@ -121,6 +126,8 @@ class JobOutput:
 
     def text(self) -> str:
         """The job's whole logs (call once it wrote its last output): the kept text, then the dropped marker."""
+        if self._decoder is None and not self.dropped:
+            return "".join(self.parts)
         if self._decoder is not None:
             tail = self._decoder.decode(b"", True)
             self._decoder = None
@@ -147,15 +154,17 @@ class JobOutput:
 class LogPump:
     """The worker's live-log sender: one daemon thread and its own DEALER socket (see the module docstring).
 
-    ``outputs`` is the worker's registry of running jobs (job id -> :class:`JobOutput`); the pump
-    only reads it.  The socket is opened at the first chunk to send, so a worker whose jobs are all
+    ``outputs`` is the worker's registry of running jobs (job id -> :class:`JobOutput`) and
+    ``current`` a one-item list holding the output of the job its loop thread runs (or None); the
+    pump only reads them.  The socket is opened at the first chunk to send, so a worker whose jobs are all
     short never opens it.  A send that finds no connection (IMMEDIATE) is tried again next tick.
     """
 
-    def __init__(self, connect: str, outputs: dict[str, JobOutput], period: float = FLUSH_SECONDS,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, connect: str, outputs: dict[str, JobOutput], current: list[JobOutput | None] | None = None,
+                 period: float = FLUSH_SECONDS, on_error: Callable[[BaseException], None] | None = None) -> None:
         self.connect = connect
         self.outputs = outputs
+        self.current = current if current is not None else [None]
         self.period = period
         self.on_error = on_error
         self.messages = 0  # W_LOG messages sent (for tests and status)
@@ -174,22 +183,28 @@ class LogPump:
 
     def _run(self) -> None:
         ctx = sock = None
+        seen: dict[str, JobOutput] = {}  # the running jobs at the last tick
         try:
             while not self._stop.wait(self.period):
-                outputs = self.outputs
-                if not outputs:
+                outputs, inline = self.outputs, self.current[0]
+                if not outputs and inline is None:
+                    seen = {}
                     continue
                 try:
-                    running = list(outputs.values())
+                    now = dict(outputs)
                 except RuntimeError:  # resized by a job thread meanwhile: next tick
                     continue
-                due = time.monotonic() - self.period
+                if inline is not None:
+                    now[inline.id] = inline
+                # Due: jobs that were running at the last tick already (so for at least one period).
+                # Telling them apart costs the pump a dict per tick instead of each job a clock read.
                 chunks = []
-                for out in running:
-                    if out.started <= due:
+                for jid, out in now.items():
+                    if seen.get(jid) is out:
                         got = out.take()
                         if got is not None:
                             chunks.append((out, got))
+                seen = now
                 if not chunks:
                     continue
                 if sock is None:

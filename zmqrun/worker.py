@@ -56,7 +56,7 @@ import zmq
 
 from . import protocol as P
 from .board import JobBoard
-from .execute import error_report, install_capture, run_captured
+from .execute import error_report, install_capture, run_captured, set_output_factory
 from .livelogs import DEFAULT_MAX_LOG_BYTES, JobOutput, LogPump, check_max_log_bytes
 from .model import valid_tag
 from .scripts import load_function
@@ -247,8 +247,11 @@ class Worker:
                  max_log_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
         self.max_log_bytes = check_max_log_bytes(max_log_bytes)
-        self._outputs: dict[str, JobOutput] = {}  # running jobs' output, read by the live-log pump
-        self._pump = LogPump(connect, self._outputs,
+        # Running jobs' output, read by the live-log pump: pool threads' jobs by id, and the inline job's in a
+        # one-item list (a store per job instead of a dict insert and delete).
+        self._outputs: dict[str, JobOutput] = {}
+        self._inline_output: list[JobOutput | None] = [None]
+        self._pump = LogPump(connect, self._outputs, self._inline_output,
                              on_error=lambda e: log.warning("live logs stopped: %r", e))
         self.connect = connect
         self.script = script
@@ -565,7 +568,8 @@ class Worker:
         """
         func = self.func
         board, default_timeout = self.board, self.timeout
-        outputs, cap = self._outputs, self.max_log_bytes
+        current = self._inline_output
+        set_output_factory(self._inline_output_for)
         first_unflushed = 0.0
         while self._pending and self._running:  # stopping: unstarted jobs go back to the router
             job = self._pending.popleft()
@@ -575,11 +579,10 @@ class Worker:
                 board.begin(0, job["id"], job["attempt"], job.get("timeout") or default_timeout)
             self._in_job = True
             self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
-            out = outputs[job["id"]] = JobOutput(job["id"], job["attempt"], cap)
             try:
-                frag, started, finished, logs = run_captured(func, job["args"], out)  # type: ignore[arg-type]
+                frag, started, finished, logs = run_captured(func, job["args"], job)  # type: ignore[arg-type]
             finally:
-                outputs.pop(job["id"], None)
+                current[0] = None
                 self._sock_lock.acquire()
                 self._in_job = False
                 if board is not None:
@@ -591,21 +594,32 @@ class Worker:
             if len(self._results) >= RESULT_FLUSH_COUNT or now - first_unflushed >= RESULT_FLUSH_SECONDS:
                 self._flush()
 
+    def _inline_output_for(self, job: dict[str, Any]) -> JobOutput:
+        """The output buffer of the inline job, made at its first write (see execute.run_captured)."""
+        out = self._inline_output[0] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
+        return out
+
+    def _pooled_output_for(self, job: dict[str, Any]) -> JobOutput:
+        """The output buffer of a pool thread's job, made at its first write."""
+        out = self._outputs[job["id"]] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
+        return out
+
     def _run_pooled(self, job: dict[str, Any]) -> None:
         board = self.board
         slot = -1
-        out = self._outputs[job["id"]] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
         try:
             if self.func is not None:
+                set_output_factory(self._pooled_output_for)
                 if board is not None:
                     slot = getattr(self._slot_of, "slot", -1)
                     if slot < 0:
                         slot = self._slot_of.slot = next(self._slots_taken)
                     board.begin(slot, job["id"], job["attempt"], job.get("timeout") or self.timeout)
-                frag, started, finished, logs = run_captured(self.func, job["args"], out)
+                frag, started, finished, logs = run_captured(self.func, job["args"], job)
                 data = _result_bytes(job, frag, started, finished, logs)
             else:
                 try:
+                    out = self._outputs[job["id"]] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
                     data = run_cold(job, timeout=self.timeout, on_start=self._cold_started, output=out)
                 finally:
                     self._procs.pop(job["id"], None)
