@@ -552,7 +552,7 @@ class Router:
                 break
             if sync_at is not None:
                 wait = min(wait, sync_at - mono)
-            if self._dirty:
+            if self._dirty or self.archive.retired:
                 wait = 0
             try:
                 ready = poller.poll(max(0, int(wait * 1000) + (wait > 0)))
@@ -588,6 +588,10 @@ class Router:
         if self._gated:
             self._flush_gated()
         self.archive.trim()
+        if self.archive.retired:
+            t0 = (time.perf_counter(), time.thread_time())
+            self.archive.release()
+            self._paused(t0)
         if jlog.sealed:  # a segment was sealed just now: the state in memory is at its boundary
             self._to_index.extend(jlog.sealed)
             self._bytes_since_snap += sum(seg.size for seg in jlog.sealed)
