@@ -3,7 +3,7 @@
 One router with two workers for the whole module, both with ``--max-log-bytes 2000``: a dedicated
 (warm) worker for ``lljobs.py:work`` and a normal (cold) worker that takes only jobs tagged ``cold``.
 The test_router_* and test_unit_* tests drive the pieces in-process (no sockets, no timing).
-Runs in about 20 s.
+Runs in about 20 s; the slow test (router kill -9 and warm child kill -9 mid-follow) about 11 s more.
 """
 
 from __future__ import annotations
@@ -329,3 +329,52 @@ def test_unit_follow_state_cuts_repeats_and_marks_gaps() -> None:
     assert ll.add(0, "abc") == (0, "abc") and ll.add(1, "bc") is None and ll.add(2, "cdef") == (3, "def")
     assert ll.text_from(2) == (2, "cdef") and ll.text_from(99) == (6, "")
     assert ll.add(9, "xyz") == (9, "xyz") and ll.text_from(0) == (9, "xyz")  # a gap: kept from the gap on
+
+
+# -- failures, on real processes (slow: about 15 s; run with -m slow) ------------------------------
+
+LINES = """\
+import time
+
+def lines(n=10, every=0.5):
+    for i in range(n):
+        print(f"line {i}", flush=True)
+        time.sleep(every)
+    return n
+"""
+
+
+@pytest.mark.slow
+def test_follow_rides_out_a_router_restart_and_goes_on_with_the_next_attempt(zr: Cluster, tmp_path: Path) -> None:
+    write_script(tmp_path, "lines.py", LINES)
+    router = zr.start_router()
+    address = zr.address
+    worker = zr.start_worker("lines.py:lines", name="ll-lines")
+    c = zr.client(timeout=10)
+    expected = "".join(f"line {i}\n" for i in range(10))
+
+    # kill -9 of the router mid-job, right after a chunk arrived (the next one is 0.5 s away): the follow
+    # subscribes again to the new router, and the worker's pump goes on sending to it; nothing is missed.
+    jid = c.submit("lines.py:lines", {"n": 10, "every": 0.5}).id
+    got, restarted = [], False
+    for chunk in c.logs(jid, follow=True):
+        got.append(chunk)
+        if not restarted and "line 2\n" in chunk:
+            router.kill9()
+            router = zr.start_router(address=address)
+            restarted = True
+    assert restarted and "".join(got) == expected == c.get(jid).logs
+    assert c.get(jid).attempts == 1
+
+    # kill -9 of the warm child mid-job: the job runs again (attempt 2) and the follow shows it after a marker.
+    jid = c.submit("lines.py:lines", {"n": 4, "every": 0.5}).id
+    shown = ""
+    for chunk in c.logs(jid, follow=True):
+        shown += chunk
+        if shown == "line 0\nline 1\n":
+            (child,) = worker.family() - {worker.pid}
+            os.kill(child, signal.SIGKILL)
+    record = c.get(jid)
+    assert (record.status, record.attempts) == ("success", 2)
+    assert shown == ("line 0\nline 1\n[zmqrun: job attempt 2 starts here; the output above is from attempt 1]\n"
+                     + record.logs) and record.logs == "line 0\nline 1\nline 2\nline 3\n"
