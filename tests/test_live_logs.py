@@ -290,6 +290,29 @@ def test_router_follow_continues_with_the_next_attempt_and_forgets_gone_follower
         d.close()
 
 
+def test_router_keeps_what_a_warm_job_streamed_when_its_supervisor_kills_it(tmp_path: Path) -> None:
+    d = _driver(tmp_path)
+    try:
+        d.router._handle([b"worker-2", P.header(P.WORKER, P.W_READY),
+                          orjson.dumps({"script": "t.py:f", "credit": 1, "name": "w2", "supervisor": "sup-2"})])
+        d.router._handle([CLIENT, P.header(P.CLIENT, P.C_SUBMIT),
+                          orjson.dumps({"req": 9, "jobs": [{"id": "slow-1", "script": "t.py:f", "timeout": 1}]})])
+        d.router._commit()
+        _chunk(d, ["slow-1", 1, 0, "working...\n"])
+        # The supervisor killed the child at the timeout: its report has no logs (they died with the child).
+        exited = {"worker": "worker-2", "reason": "timed out", "started": ["slow-1", 1], "in_order": True,
+                  "results": [{"id": "slow-1", "attempt": 1, "status": "failure", "logs": "",
+                               "error": {"type": "Timeout", "message": "killed", "traceback": ""},
+                               "started_at": 1.0, "finished_at": 2.0}]}
+        d.router._handle([b"sup-2", P.header(P.WORKER, P.W_SUP_EXITED), orjson.dumps(exited)])
+        d.router._commit()
+        job = d.router.archive.get("slow-1")
+        assert job is not None and (job.status, job.error["type"], job.logs) == ("failure", "Timeout", "working...\n")
+        assert d.router._live == {}
+    finally:
+        d.close()
+
+
 def test_unit_job_output_caps_bytes_and_marks_what_it_dropped() -> None:
     out = JobOutput("j", 1, cap=10)
     assert out.write("héllo") == 5  # 6 bytes

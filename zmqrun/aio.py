@@ -67,6 +67,10 @@ class AsyncJob:
         """Cancel the job (see :meth:`AsyncClient.cancel`)."""
         return await self._client.cancel(self.id)
 
+    def logs(self, follow: bool = False) -> AsyncIterator[str]:
+        """The job's output as an async iterator of text chunks (see :meth:`AsyncClient.logs`)."""
+        return self._client.logs(self.id, follow)
+
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r})"
 

@@ -86,6 +86,10 @@ class Job:
         """Cancel the job (see :meth:`Client.cancel`)."""
         return self._client.cancel(self.id)
 
+    def logs(self, follow: bool = False) -> Iterator[str]:
+        """The job's output as text chunks (see :meth:`Client.logs`)."""
+        return self._client.logs(self.id, follow)
+
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
 

@@ -1180,6 +1180,14 @@ class Router:
         self._reply(ident, req, {"status": job.status, "attempt": job.attempts, "offset": offset, "text": text,
                                  "end": False})
 
+    def _keep_streamed_logs(self, results: list[Any]) -> None:
+        """Outcomes a supervisor reports for jobs it killed (a warm timeout) carry no logs (they died with
+        the child): give them the output the job streamed, so the archive keeps what followers saw."""
+        for r in results:
+            ll = self._live.get(r.get("id")) if type(r) is dict and type(r.get("id")) is str else None
+            if ll is not None and ll.attempt == r.get("attempt") and ll.start == 0 and not r.get("logs"):
+                r["logs"] = ll.text_from(0)[1]
+
     def _end_follows(self, done: list[tuple[Job, Any]]) -> None:
         """Jobs that finished: drop their live output; send their followers the end of the stream (the final
         logs past what was streamed, and the status), gated as their RESULT is."""
@@ -1231,6 +1239,8 @@ class Router:
                 unstarted = order
         results = msg.get("results")
         if isinstance(results, list) and results:
+            if self._live:
+                self._keep_streamed_logs(results)
             self._results(w, orjson.dumps({"worker": w.name, "results": results}))
         reason = msg.get("reason")
         self._lose_worker(child, reason if isinstance(reason, str) and reason else "worker process ended",
