@@ -37,7 +37,8 @@ _READ_BATCH = 10_000  # messages filed per reader turn before it lets other task
 
 
 class AsyncJob:
-    """A handle on a submitted job: ``id``, ``await job`` (its result), :meth:`result`, :meth:`get`, :meth:`cancel`."""
+    """A handle on a submitted job: ``id``, ``await job`` (its result), :meth:`result`, :meth:`get`, :meth:`cancel`,
+    :meth:`logs`."""
 
     __slots__ = ("id", "_client")
 

@@ -60,7 +60,7 @@ class JobFailed(ZmqrunError):
 
 
 class Job:
-    """A handle on a submitted job: ``id``, :meth:`result`, :meth:`get`, :meth:`cancel`."""
+    """A handle on a submitted job: ``id``, :meth:`result`, :meth:`get`, :meth:`cancel`, :meth:`logs`."""
 
     __slots__ = ("id", "_client")
 
