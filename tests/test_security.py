@@ -60,6 +60,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, 
     root.mkdir()
     write_script(root, "ok.py", "def main(x=1):\n    return x * 2\n")
     write_script(root, "okmod.py", "def main():\n    return 'okmod'\n")
+    write_script(root, "ticker.py", "import time\ndef main():\n    print('tick', end='', flush=True)\n"
+                 "    time.sleep(3)\n    return 'done'\n")
     write_script(tmp, "outside.py", OUTSIDE)
     (root / "link.py").symlink_to(tmp / "outside.py")
     cluster = Cluster(tmp)
@@ -119,6 +121,21 @@ def test_authenticated_end_to_end(sec: tuple[Cluster, Keys]) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "144", proc.stderr
     proc = cluster.cli("status", "--json", *keys.peer_args(keys.alice))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_live_logs_stream_over_curve(sec: tuple[Cluster, Keys]) -> None:
+    """The worker's live-log pump has its own socket: it must connect with the worker's key too."""
+    cluster, keys = sec
+    c = cluster.client()
+    job = c.submit("ticker.py")
+    follow = c.logs(job.id, follow=True)
+    first = next(follow)
+    while "tick" not in first:
+        first += next(follow)
+    assert c.get(job.id).status == "running"  # the chunk came while the job slept
+    rest = "".join(follow)  # ends with the job
+    assert job.result(timeout=30) == "done"
+    assert first + rest == c.get(job.id).logs == "tick"
 
 
 @pytest.mark.parametrize("who", ["unknown key", "no CURVE", "wrong router key"])

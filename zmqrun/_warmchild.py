@@ -32,7 +32,9 @@ def main() -> int:
                heartbeat=cfg["heartbeat"], liveness=cfg["liveness"], name=cfg["name"], timeout=cfg["timeout"],
                board=JobBoard.attach(cfg["board_fd"], cfg["concurrency"]), identity=cfg["identity"],
                supervisor=cfg["supervisor"], tags=tuple(cfg.get("tags") or ()), untagged=cfg.get("untagged"),
-               curve=CurveKeys(**cfg["curve"]) if cfg.get("curve") else None)
+               curve=CurveKeys(**cfg["curve"]) if cfg.get("curve") else None,
+               **({"max_log_bytes": cfg["max_log_bytes"]} if "max_log_bytes" in cfg else {}))
+
     try:
         w.start()
     except (ScriptError, ValueError) as e:

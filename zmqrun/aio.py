@@ -18,16 +18,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import zmq
 
 from . import protocol as P
 from .client import (WAIT_SLICE, Call, CancelResult, ConnectionWatch, RequestRejected, ZmqrunError, cancel_request,
                      check_map_options, client_settings, encode_request, evict_unclaimed, get_request, id_list,
-                     job_dict, list_request, no_answer, noack_submit, outcome_value,
+                     job_dict, list_request, logs_request, no_answer, noack_submit, outcome_value,
                      read_router_message, rejected_outcomes, reply_body, retry_job_dict, run_job_dict,
-                     setup_client_socket, status_request, submit_request, unreachable)
+                     setup_client_socket, status_request, submit_request, unfollow_body, unreachable)
+from .livelogs import FollowState
 from .model import JobRecord
 from .security import CurveKeys
 
@@ -37,7 +38,8 @@ _READ_BATCH = 10_000  # messages filed per reader turn before it lets other task
 
 
 class AsyncJob:
-    """A handle on a submitted job: ``id``, ``await job`` (its result), :meth:`result`, :meth:`get`, :meth:`cancel`."""
+    """A handle on a submitted job: ``id``, ``await job`` (its result), :meth:`result`, :meth:`get`, :meth:`cancel`,
+    :meth:`logs`."""
 
     __slots__ = ("id", "_client")
 
@@ -66,6 +68,10 @@ class AsyncJob:
     async def cancel(self) -> CancelResult:
         """Cancel the job (see :meth:`AsyncClient.cancel`)."""
         return await self._client.cancel(self.id)
+
+    def logs(self, follow: bool = False) -> AsyncIterator[str]:
+        """The job's output as an async iterator of text chunks (see :meth:`AsyncClient.logs`)."""
+        return self._client.logs(self.id, follow)
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r})"
@@ -123,6 +129,7 @@ class AsyncClient:
         self._outcomes: dict[str, dict[str, Any]] = {}  # outcomes nobody waited for yet
         self._map_slots: dict[str, tuple[_MapState, int]] = {}  # job id -> its running map() and position
         self._watching: set[str] = set()  # ids whose outcome the router will push to us
+        self._follows: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}  # job id -> its followers' inboxes
         self.max_unclaimed = 100_000  # outcomes kept for jobs nobody waits on yet (oldest evicted first)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -268,7 +275,10 @@ class AsyncClient:
         if msg is None:
             return  # not a router message: ignore
         cmd, body = msg
-        if cmd == P.R_RESULT:
+        if cmd == P.R_LOGS:
+            for inbox in self._follows.get(body.get("id"), ()):
+                inbox.put_nowait(body)
+        elif cmd == P.R_RESULT:
             for r in body["results"]:
                 self._deliver(r["id"], r)
             if len(self._outcomes) > self.max_unclaimed:
@@ -601,3 +611,56 @@ class AsyncClient:
         """Router status: ``workers`` [{name, script, credit, in_flight}], ``counts`` {queued, scheduled,
         running, finished}."""
         return await self._call(status_request())
+
+    async def logs(self, job_id: str, follow: bool = False) -> AsyncIterator[str]:
+        """A job's output as an async iterator of text chunks: ``async for chunk in c.logs(id, follow=True)``.
+
+        As :meth:`zmqrun.Client.logs` (same chunks, markers and errors); the request is sent when the
+        iteration starts.  Leaving the loop early (``break``) unsubscribes once the generator is closed
+        (at once in ``async for``'s ``aclose``, else when it is garbage-collected).
+        """
+        if not follow:
+            body = await self._call(logs_request(job_id, False))
+            if body.get("text"):
+                yield body["text"]
+            return
+        loop = self._started()
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        inboxes = self._follows.setdefault(job_id, [])
+        inboxes.append(inbox)
+        state = FollowState()
+        try:
+            seen = self._conns()
+            for piece in state.feed(await self._call(logs_request(job_id, True))):
+                yield piece
+            since = loop.time()
+            while not state.ended:
+                try:
+                    msg = await asyncio.wait_for(inbox.get(), WAIT_SLICE)
+                except TimeoutError:
+                    msg = None
+                if msg is not None:
+                    since = loop.time()
+                    for piece in state.feed(msg):
+                        yield piece
+                    continue
+                if self._reader is not None and self._reader.done():
+                    raise ZmqrunError("the client's reader task has stopped")
+                conns = self._conns()
+                if conns > seen or loop.time() - max(since, self._last_rx) >= self.timeout:
+                    # Reconnected (the router may have restarted) or quiet: subscribe again from where we are.
+                    seen = conns
+                    for piece in state.feed(await self._call(logs_request(job_id, True, state.position()))):
+                        yield piece
+                    since = loop.time()
+        finally:
+            inboxes.remove(inbox)
+            if not inboxes:
+                del self._follows[job_id]
+                if not state.ended and not self._closed:
+                    body = unfollow_body(job_id)
+                    body["req"] = next(self._req)  # its reply finds no waiter and is dropped
+                    try:
+                        P.send_frames(self._sock, encode_request(P.C_LOGS, body))
+                    except zmq.ZMQError:
+                        pass

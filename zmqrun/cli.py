@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from . import protocol as P
+from .livelogs import DEFAULT_MAX_LOG_BYTES, MAX_LOG_BYTES_LIMIT
 
 ADDRESS_HELP = "router endpoint (env ZMQRUN_ADDRESS)"
 
@@ -167,10 +168,14 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
               help="CURVE: this worker's NAME.key_secret (env ZMQRUN_CURVE_SECRET)")
 @click.option("--router-key", envvar="ZMQRUN_ROUTER_KEY", default=None, metavar="FILE",
               help="CURVE: the router's public key file (env ZMQRUN_ROUTER_KEY)")
+@click.option("--max-log-bytes", default=DEFAULT_MAX_LOG_BYTES, show_default=True,
+              type=click.IntRange(1, MAX_LOG_BYTES_LIMIT),
+              help="bytes of output kept per job, streamed and archived; the rest is dropped and counted in a "
+                   "marker at the end of the job's logs")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,
            name: str | None, timeout: float | None, tags: tuple[str, ...], untagged: bool, roots: tuple[str, ...],
-           curve_secret: str | None, router_key: str | None, log_level: str) -> None:
+           curve_secret: str | None, router_key: str | None, max_log_bytes: int, log_level: str) -> None:
     """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job).
 
     A dedicated worker is two processes: a supervisor (this one: heartbeats, timeouts, cancels) and a
@@ -190,13 +195,14 @@ def worker(connect: str, script: str | None, concurrency: int, prefetch: int | N
                 raise ValueError("--scripts is for normal workers: a dedicated worker runs only its own script")
             code = run_supervised(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                                   name=name, timeout=timeout, log_level=log_level, tags=tags,
-                                  untagged=untagged or not tags, curve=curve)
+                                  untagged=untagged or not tags, curve=curve,
+                                  max_log_bytes=max_log_bytes)
         else:
             from .worker import run_worker
 
             code = run_worker(connect, None, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                               name=name, timeout=timeout, tags=tags, untagged=untagged or not tags, curve=curve,
-                              scripts=roots or None)
+                              scripts=roots or None, max_log_bytes=max_log_bytes)
     except (ScriptError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
@@ -366,14 +372,38 @@ def jobs_list(status: str | None, script: str | None, limit: int, as_json: bool,
 
 @jobs.command("logs")
 @click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True,
+              help="print the output as the job prints it, until the job ends (exit 1 unless it succeeded)")
 @address_option
 @timeout_option
-def jobs_logs(job_id: str, address: str, client_timeout: float) -> None:
-    """Print a job's captured stdout and stderr."""
+def jobs_logs(job_id: str, follow: bool, address: str, client_timeout: float) -> None:
+    """Print a job's captured stdout and stderr (a running job: its output so far)."""
     with _client(address, client_timeout) as c:
-        r = c.get(job_id)
-    if r.logs:
-        click.echo(r.logs, nl=not r.logs.endswith("\n"))
+        if not follow:
+            logs = "".join(c.logs(job_id))
+            if logs:
+                click.echo(logs, nl=not logs.endswith("\n"))
+            return
+        stream = c.logs(job_id, follow=True)
+        last = "\n"
+        try:
+            for chunk in stream:
+                last = chunk[-1]
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()  # unsubscribe
+            if last != "\n":
+                sys.stdout.write("\n")
+            click.echo(f"zmqrun: stopped following job {job_id}; it goes on", err=True)
+            sys.exit(130)
+        if last != "\n":
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        status = c.get(job_id).status
+    if status != "success":
+        click.echo(f"zmqrun: job {job_id} ended {status} (see zmqrun jobs show {job_id})", err=True)
+        sys.exit(1)
 
 
 @jobs.command("cancel")

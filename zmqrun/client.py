@@ -8,25 +8,27 @@ Not thread-safe: use one Client per thread.
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import itertools
 import math
 import os
 import socket as _socket
 import time
-from typing import Any, Callable, Container, Iterable
+from typing import Any, Callable, Container, Iterable, Iterator
 
 import orjson
 import zmq
 
 from . import protocol as P
 from .execute import encode_json
+from .livelogs import FollowState
 from .model import MAX_RETRIES, JobRecord, new_job_id, parse_backoff, parse_time, valid_tag
 from .security import CurveKeys, secret_suffix
 
 
 _HEADERS = {cmd: P.header(P.CLIENT, cmd) for cmd in (P.C_SUBMIT, P.C_WAIT, P.C_GET, P.C_LIST, P.C_CANCEL,
-                                                      P.C_STATUS)}
+                                                      P.C_STATUS, P.C_LOGS)}
 
 
 class ZmqrunError(Exception):
@@ -59,7 +61,7 @@ class JobFailed(ZmqrunError):
 
 
 class Job:
-    """A handle on a submitted job: ``id``, :meth:`result`, :meth:`get`, :meth:`cancel`."""
+    """A handle on a submitted job: ``id``, :meth:`result`, :meth:`get`, :meth:`cancel`, :meth:`logs`."""
 
     __slots__ = ("id", "_client")
 
@@ -84,6 +86,10 @@ class Job:
     def cancel(self) -> "CancelResult":
         """Cancel the job (see :meth:`Client.cancel`)."""
         return self._client.cancel(self.id)
+
+    def logs(self, follow: bool = False) -> Iterator[str]:
+        """The job's output as text chunks (see :meth:`Client.logs`)."""
+        return self._client.logs(self.id, follow)
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -382,6 +388,26 @@ def cancel_request(job_id: str, reason: str | None) -> Call:
             lambda body: CancelResult(bool(body.get("canceled")), body.get("status"), str(body.get("message", ""))))
 
 
+def logs_request(job_id: str, follow: bool, position: list[int] | None = None) -> Call:
+    """LOGS of one job (from ``position`` [attempt, characters] on, if given; with ``follow``, subscribe to
+    its pushes); parses to the reply body ({status, attempt, offset, text, end}) or raises KeyError for an
+    id the router does not know, TypeError for an id that is not a string."""
+    if not isinstance(job_id, str):
+        raise TypeError(f"job id must be a string, not {type(job_id).__name__}")
+
+    def parse(body: dict[str, Any]) -> dict[str, Any]:
+        if "job" in body and body["job"] is None:
+            raise KeyError(f"no job {job_id}")
+        return body
+
+    return P.C_LOGS, {"id": job_id, "follow": follow, "from": position}, parse
+
+
+def unfollow_body(job_id: str) -> dict[str, Any]:
+    """The C_LOGS body that ends a follow of ``job_id`` (the router stops pushing to this client)."""
+    return {"id": job_id, "stop": True}
+
+
 def status_request() -> Call:
     """STATUS; parses to the status dict (without the request number)."""
     def parse(body: dict[str, Any]) -> dict[str, Any]:
@@ -494,6 +520,7 @@ class Client:
         self._claimed: set[str] = set()  # ids a running wait()/map() will collect: never evicted
         self.max_unclaimed = 100_000  # outcomes kept for jobs nobody waits on yet (oldest evicted first)
         self._arrived: list[str] = []  # ids whose outcome arrived since last cleared (for map)
+        self._follows: dict[str, list[collections.deque[dict[str, Any]]]] = {}  # job id -> its followers' inboxes
         self._closed = False
 
     # -- plumbing -------------------------------------------------------------------------
@@ -542,6 +569,9 @@ class Client:
                     self._arrived.append(r["id"])
                 if len(self._outcomes) - len(self._claimed) > self.max_unclaimed:
                     self._evict_unclaimed()
+            elif cmd == P.R_LOGS:
+                for inbox in self._follows.get(body.get("id"), ()):
+                    inbox.append(body)
             elif cmd in (P.R_ACK, P.R_REPLY, P.R_ERROR):
                 req = body.get("req")
                 ids = self._pending_submits.pop(req, None) if isinstance(req, int) else None
@@ -830,3 +860,63 @@ class Client:
         """Router status: ``workers`` [{name, script, credit, in_flight, tags, untagged}], ``counts`` {queued,
         scheduled, running, finished}."""
         return self._call(status_request())
+
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
+        """A job's output (stdout and stderr) as an iterator of text chunks (not lines: a chunk may hold
+        several lines or part of one).
+
+        ``follow=False``: the logs now, as one chunk (none if empty): a finished job's archived logs, a
+        running job's output streamed so far (see the README, Live logs), nothing for a queued job.
+        ``follow=True``: that, then the output as the job prints it (each chunk within about 0.1-0.2 s),
+        ending when the job ends; the last chunk completes the job's final logs, so the chunks joined are
+        its archived logs.  If the job's attempt ends (worker lost, or a failed attempt retried) the next
+        attempt's output follows after a one-line ``[zmqrun: job attempt N starts here ...]`` marker; a
+        gap (output the router missed, e.g. it restarted mid-job) is marked the same way.  A router
+        restart is ridden out: the follow asks the new router again and goes on.
+
+        A generator: the request is sent on the first ``next()``.  Raises ``KeyError`` for an id the
+        router does not know, :class:`RouterUnavailable` if the router stops answering (checked every
+        client timeout).  Closing it early (``break``, ``close()``) unsubscribes.
+        """
+        if not follow:
+            body = self._call(logs_request(job_id, False))
+            if body.get("text"):
+                yield body["text"]
+            return
+        inbox: collections.deque[dict[str, Any]] = collections.deque()
+        inboxes = self._follows.setdefault(job_id, [])
+        inboxes.append(inbox)
+        state = FollowState()
+        try:
+            self._reconnected()
+            yield from state.feed(self._call(logs_request(job_id, True)))
+            quiet_since = time.monotonic()
+            while not state.ended:
+                if not inbox and self._pump(WAIT_SLICE):
+                    quiet_since = time.monotonic()
+                while inbox and not state.ended:
+                    yield from state.feed(inbox.popleft())
+                if state.ended:
+                    break
+                if self._reconnected() or time.monotonic() - quiet_since >= self.timeout:
+                    # A new connection (the router may have restarted and forgotten us) or a quiet spell
+                    # (is the router still there?): subscribe again from where we are.
+                    yield from state.feed(self._call(logs_request(job_id, True, state.position())))
+                    quiet_since = time.monotonic()
+        finally:
+            inboxes.remove(inbox)
+            if not inboxes:
+                del self._follows[job_id]
+                if not state.ended and not self._closed:
+                    self._unfollow(job_id)
+
+    def _unfollow(self, job_id: str) -> None:
+        """Tell the router to stop pushing ``job_id``'s output here (best effort; its reply is dropped)."""
+        req = next(self._req)
+        body = unfollow_body(job_id)
+        body["req"] = req
+        try:
+            P.send_frames(self._sock, encode_request(P.C_LOGS, body))
+            self._abandoned.add(req)
+        except zmq.ZMQError:
+            pass  # no connection: a router that restarted does not know us anyway

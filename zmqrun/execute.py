@@ -130,8 +130,18 @@ class OutputCapture:
         buf = getattr(self._local, "buf", None)
         if buf is None:
             return self._real.write(text)
-        buf.append(text)
-        return len(text)
+        if type(buf) is dict:  # the job's first write: now it gets its output buffer (see run_captured)
+            buf = self._local.buf = getattr(self._local, "make", _default_output)(buf)
+        # buf: a zmqrun.livelogs.JobOutput (capped, and visible to the live-log pump).  Its common case
+        # inline: ASCII text under the cap (one Python call less per print).
+        if type(text) is str and text.isascii():
+            n = len(text)
+            size = buf.size + n
+            if size <= buf.cap:
+                buf.parts.append(text)
+                buf.size = size
+                return n
+        return buf.write(text)
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
@@ -168,12 +178,35 @@ def install_capture() -> None:
         _installed = True
 
 
-def run_captured(func: Callable[..., Any], args: dict[str, Any]) -> tuple[bytes, float, float, str]:
-    """:func:`run_job` with this thread's stdout/stderr captured; returns (fragment, started, finished, logs)."""
-    buf: list[str] = []
-    _capture_local.buf = buf
+def _default_output(job: dict[str, Any]) -> Any:
+    from .livelogs import JobOutput
+
+    return JobOutput(str(job.get("id", "")), int(job.get("attempt", 0)))
+
+
+def set_output_factory(make: Callable[[dict[str, Any]], Any] | None) -> None:
+    """This thread's jobs get their output buffer from ``make(job)``, called at a job's first write
+    (a worker makes a capped :class:`zmqrun.livelogs.JobOutput` and shows it to its live-log pump);
+    None: a new JobOutput with the default cap, seen by no pump."""
+    _capture_local.make = make or _default_output
+
+
+def run_captured(func: Callable[..., Any], args: dict[str, Any],
+                 job: dict[str, Any] | None = None) -> tuple[bytes, float, float, str]:
+    """:func:`run_job` with this thread's stdout/stderr captured; returns (fragment, started, finished, logs).
+
+    ``job`` (the job's dict, default ``{}``) is handed to this thread's output factory
+    (:func:`set_output_factory`) at the job's first write, so a job that prints nothing costs no
+    buffer; ``logs`` is that buffer's final text (capped, with the dropped-bytes marker), or "".
+    """
+    local = _capture_local
+    local.buf = job if job is not None else {}
     try:
         frag, started, finished = run_job(func, args)
     finally:
-        _capture_local.buf = None
-    return frag, started, finished, "".join(buf)
+        out = local.buf
+        local.buf = None
+    if type(out) is dict:
+        return frag, started, finished, ""
+    # The warm path's common case inline (no decoder, nothing dropped): see JobOutput.text.
+    return frag, started, finished, out.text() if out.dropped else "".join(out.parts)

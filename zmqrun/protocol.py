@@ -18,6 +18,12 @@ peer that speaks with the worker tag: its own DEALER and routing id, never
 registered itself.  The worker's READY names it; its SUP_HEARTBEATs keep that
 worker alive, SUP_EXITED reports the worker's process ended (with outcomes of
 the jobs it killed), and the router sends it CANCEL for that worker's jobs.
+
+Live logs (:mod:`zmqrun.livelogs`): a worker's log pump, a fourth kind of peer
+with the worker tag and its own DEALER (never registered), sends W_LOG chunks of
+the output of jobs that have run for a while; a client subscribes with C_LOGS
+and the router pushes R_LOGS to it.  Chunks are relayed, never written to the
+job log: the logs the job log keeps are those of the final RESULT.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ C_GET: Final = 0x03  # {"req", "id"}                                  -> REPLY {
 C_LIST: Final = 0x04  # {"req", "status", "script", "limit"}          -> REPLY {"jobs": [...]}
 C_CANCEL: Final = 0x05  # {"req", "id", "reason", "by"}               -> REPLY {"canceled", "status", "message"}
 C_STATUS: Final = 0x06  # {"req"}                                     -> REPLY {"workers", "counts"}
+C_LOGS: Final = 0x07  # {"req", "id", "follow": bool, "from": [attempt, chars] | null, "stop"?: true}
+#                        -> REPLY {"job": null} (unknown id) or {"status", "attempt", "offset", "text", "end"};
+#                        with follow (and the job not finished) R_LOGS pushes follow until one has "end";
+#                        "stop": unsubscribe (REPLY {}).  Offsets and "from" count characters of one attempt's output.
 
 # worker -> router
 W_READY: Final = 0x11  # {"script": str|None, "credit": int, "heartbeat": s, "name": str, "pid": int,
@@ -50,6 +60,9 @@ W_SUP_HEARTBEAT: Final = 0x17  # empty: the worker it supervises is alive (even 
 W_SUP_EXITED: Final = 0x18  # {"worker": routing id of the ended child, "reason", "results": [result, ...],
 #                              "started": [id, attempt] it started last | null: none (absent: unknown),
 #                              "in_order": true if its results came back in start order (one job at a time)}
+# log pump -> router (a worker's live-log thread; its own DEALER and routing id, never registered)
+W_LOG: Final = 0x19  # {"logs": [[id, attempt, offset, text], ...]}: output of running jobs since the last chunk;
+#                       offset = characters of that attempt's output before text.  No reply; not logged.
 
 # router -> peer
 R_ACK: Final = 0x21  # {"req", "accepted": [id...], "rejected": [{"id", "error"}]}
@@ -59,6 +72,8 @@ R_JOBS: Final = 0x24  # {"jobs": [{"id", "attempt", "script", "args", "timeout"}
 R_HEARTBEAT: Final = 0x25
 R_DISCONNECT: Final = 0x26  # {"reason"}: the worker must reconnect and send READY again
 R_CANCEL: Final = 0x27  # {"id", "attempt", "reason"}: stop this running job (to the supervisor if it has one)
+R_LOGS: Final = 0x28  # to a follower: {"id", "attempt", "offset", "text"}; the last one adds "end": true and
+#                        "status" (its text: the final logs from offset on; sent once the job is durable, as RESULT)
 R_ERROR: Final = 0x2F  # {"req"?, "error": "one readable line"}
 
 # Paranoid Pirate defaults (ZeroMQ Guide ch. 4, 6/PPP).
@@ -91,6 +106,8 @@ H_W_DISCONNECT: Final = header(WORKER, W_DISCONNECT)
 H_W_SUP_HEARTBEAT: Final = header(WORKER, W_SUP_HEARTBEAT)
 H_W_SUP_EXITED: Final = header(WORKER, W_SUP_EXITED)
 H_R_CANCEL: Final = header(ROUTER, R_CANCEL)
+H_LOGS: Final = header(ROUTER, R_LOGS)
+H_W_LOG: Final = header(WORKER, W_LOG)
 
 
 # Plain ints, not pyzmq's enum flags: enum arithmetic costs microseconds per frame on the hot path.

@@ -40,6 +40,7 @@ import zmq
 from . import protocol as P
 from ._coldstart import _die_with_parent
 from .archive import Archive, ArchiveDamaged, job_from_state, state_of, submitted_as
+from .livelogs import LiveLog
 from .joblog import (CANCEL, DEFAULT_SEGMENT_BYTES, DISPATCH, FINISH, REQUEUE, SUBMIT, FsyncPolicy, JobLog,
                      LogCorruption, Segment)
 from .segindex import SegmentIndex, encode_index, index_name, write_index
@@ -253,6 +254,9 @@ class Router:
         self.sock: zmq.Socket | None = None
         self.endpoint = bind
         self.stats = collections.Counter()
+        # Live logs (zmqrun.livelogs): output streamed by running jobs, and who follows which job.
+        self._live: dict[str, LiveLog] = {}
+        self._followers: dict[str, set[bytes]] = {}
         self.late_results = 0  # reports accepted from a worker that registered again (see _results)
         # CURVE (zmqrun.security): the ZAP handler, and the role check of every message's key.
         self.curve, self.insecure = curve, insecure
@@ -865,6 +869,8 @@ class Router:
             self._cancel(ident, req, msg.get("id"), msg.get("reason"), msg.get("by"))
         elif cmd == P.C_STATUS:
             self._reply(ident, req, self.status())
+        elif cmd == P.C_LOGS:
+            self._logs(ident, req, msg)
         else:
             raise BadRequest(f"unknown client command {cmd:#04x}")
 
@@ -1046,6 +1052,8 @@ class Router:
                          "expires_in": round(w.expires_at - mono, 3), "tags": sorted(t for t in w.tags if t),
                          "untagged": None in w.tags} for w in self.queue.workers.values()],
             "leased": len(self.queue.leases), "late_results": self.late_results,
+            "live_logs": {"jobs": len(self._live), "chars": sum(ll.end - ll.start for ll in self._live.values()),
+                          "followed_jobs": len(self._followers)},
             "counts": counts, "queued_by_script": dict(by_script), "endpoint": self.endpoint,
             "fsync": self.policy.mode, "pid": os.getpid(),
             # Dropped input (malformed, bad requests, stale results) and group commit at work.
@@ -1059,6 +1067,9 @@ class Router:
     # worker commands
 
     def _worker_msg(self, ident: bytes, cmd: int, body: bytes) -> None:
+        if cmd == P.W_LOG:  # from a worker's log pump: its own socket, never registered
+            self._live_log(body)
+            return
         w = self.queue.workers.get(ident)
         if cmd == P.W_READY:
             self._ready(ident, orjson.loads(body))
@@ -1259,6 +1270,8 @@ class Router:
             self._send_gated(gate, c, [P.H_RESULT, orjson.dumps({"results": outs})])
         if self._big:
             self._forget_big([job for job, _out in done])
+        if self._live or self._followers:
+            self._end_follows(done)
 
     def _forget_big(self, jobs: list[Job]) -> None:
         """Finished jobs with large args or results leave the archive's recent-jobs cache (a lookup reads
@@ -1268,6 +1281,99 @@ class Router:
             if job.id in big:
                 big.discard(job.id)
                 drop(job.id, None)
+
+    # -- live logs (zmqrun.livelogs) ------------------------------------------------------
+
+    def _live_log(self, body: bytes) -> None:
+        """W_LOG: chunks of running jobs' output.  Kept per running attempt (what a follower joining
+        later, or a follow=False request, gets) and pushed to the job's followers; never logged.
+        Chunks of an attempt that is not running (finished, or requeued since) are dropped."""
+        msg = orjson.loads(body)
+        entries = msg.get("logs") if isinstance(msg, dict) else None
+        if not isinstance(entries, list):
+            raise BadRequest("LOG body must be {\"logs\": [[id, attempt, offset, text], ...]}")
+        jobs, live = self.queue.jobs, self._live
+        for e in entries:
+            if type(e) is not list or len(e) != 4:
+                continue
+            jid, attempt, offset, text = e
+            job = jobs.get(jid) if type(jid) is str else None
+            if (job is None or job.status != RUNNING or job.attempts != attempt or type(offset) is not int
+                    or offset < 0 or type(text) is not str):
+                continue
+            ll = live.get(jid)
+            if ll is None or ll.attempt != attempt:
+                ll = live[jid] = LiveLog(attempt, offset)
+            got = ll.add(offset, text)
+            if got is not None and jid in self._followers:
+                self._push_logs(jid, orjson.dumps({"id": jid, "attempt": attempt, "offset": got[0], "text": got[1]}))
+
+    def _push_logs(self, jid: str, body: bytes) -> None:
+        """Send an R_LOGS body to every follower of ``jid``; a follower that is gone is forgotten."""
+        followers = self._followers[jid]
+        for c in list(followers):
+            if not self._send(c, [P.H_LOGS, body]):
+                followers.discard(c)
+        if not followers:
+            del self._followers[jid]
+
+    def _logs(self, ident: bytes, req: Any, msg: dict[str, Any]) -> None:
+        """C_LOGS: the output of a job so far (finished: its archived logs), from the follower's position
+        ``from`` [attempt, characters] on; with ``follow``, R_LOGS pushes follow until the job ends."""
+        jid = msg.get("id")
+        if msg.get("stop"):
+            followers = self._followers.get(jid) if isinstance(jid, str) else None
+            if followers is not None:
+                followers.discard(ident)
+                if not followers:
+                    del self._followers[jid]
+            self._reply(ident, req, {})
+            return
+        job = self._find(jid)
+        if job is None:
+            self._reply(ident, req, {"job": None})
+            return
+        frm = msg.get("from")
+        pos = 0
+        if type(frm) is list and len(frm) == 2 and frm[0] == job.attempts and type(frm[1]) is int and frm[1] > 0:
+            pos = frm[1]
+        if job.status in FINISHED:
+            logs = job.logs or ""
+            pos = min(pos, len(logs))
+            self._reply(ident, req, {"status": job.status, "attempt": job.attempts, "offset": pos,
+                                     "text": logs[pos:], "end": True})
+            return
+        ll = self._live.get(job.id)
+        offset, text = 0, ""
+        if ll is not None and ll.attempt == job.attempts and job.status == RUNNING:
+            offset, text = ll.text_from(pos)
+        if msg.get("follow"):
+            self._followers.setdefault(job.id, set()).add(ident)
+        self._reply(ident, req, {"status": job.status, "attempt": job.attempts, "offset": offset, "text": text,
+                                 "end": False})
+
+    def _keep_streamed_logs(self, results: list[Any]) -> None:
+        """Outcomes a supervisor reports for jobs it killed (a warm timeout) carry no logs (they died with
+        the child): give them the output the job streamed, so the archive keeps what followers saw."""
+        for r in results:
+            ll = self._live.get(r.get("id")) if type(r) is dict and type(r.get("id")) is str else None
+            if ll is not None and ll.attempt == r.get("attempt") and ll.start == 0 and not r.get("logs"):
+                r["logs"] = ll.text_from(0)[1]
+
+    def _end_follows(self, done: list[tuple[Job, Any]]) -> None:
+        """Jobs that finished: drop their live output; send their followers the end of the stream (the final
+        logs past what was streamed, and the status), gated as their RESULT is."""
+        live, followers = self._live, self._followers
+        for job, _out in done:
+            ll = live.pop(job.id, None)
+            idents = followers.pop(job.id, None)
+            if idents:
+                offset = ll.end if ll is not None and ll.attempt == job.attempts else 0
+                logs = job.logs or ""
+                body = orjson.dumps({"id": job.id, "attempt": job.attempts, "offset": offset, "text": logs[offset:],
+                                     "end": True, "status": job.status})
+                for c in idents:
+                    self._send_gated(job.submit_seq, c, [P.H_LOGS, body])
 
     def _supervisor_msg(self, ident: bytes, cmd: int, body: bytes) -> None:
         """A dedicated worker's supervisor (never registered itself; its worker's READY names it).
@@ -1305,6 +1411,8 @@ class Router:
                 unstarted = order
         results = msg.get("results")
         if isinstance(results, list) and results:
+            if self._live:
+                self._keep_streamed_logs(results)
             self._results(w, orjson.dumps({"worker": w.name, "results": results}))
         reason = msg.get("reason")
         self._lose_worker(child, reason if isinstance(reason, str) and reason else "worker process ended",

@@ -54,6 +54,7 @@ import zmq
 from . import protocol as P
 from .board import JobBoard, SlotState
 from .security import CurveKeys, secret_suffix
+from .livelogs import DEFAULT_MAX_LOG_BYTES, check_max_log_bytes
 from .worker import check_worker_options
 
 log = logging.getLogger("zmqrun.supervisor")
@@ -85,8 +86,10 @@ class Supervisor:
     def __init__(self, connect: str, script: str, concurrency: int = 1, prefetch: int | None = None,
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
                  name: str | None = None, timeout: float | None = None, log_level: str = "info",
-                 tags: tuple[str, ...] = (), untagged: bool | None = None, curve: CurveKeys | None = None) -> None:
+                 tags: tuple[str, ...] = (), untagged: bool | None = None, curve: CurveKeys | None = None,
+                 max_log_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
+        self.max_log_bytes = check_max_log_bytes(max_log_bytes)
         self.connect = connect
         self.script = script
         self.concurrency = concurrency
@@ -155,7 +158,8 @@ class Supervisor:
                "name": self.name, "identity": self.child_identity, "supervisor": self.identity.decode(),
                "timeout": self.timeout, "board_fd": self.board.fd, "parent_pid": os.getpid(),
                "log_level": self.log_level, "tags": self.tags, "untagged": self.untagged,
-               "curve": self.curve.as_dict() if self.curve is not None else None}
+               "curve": self.curve.as_dict() if self.curve is not None else None,
+               "max_log_bytes": self.max_log_bytes}
         self.child = subprocess.Popen([sys.executable, "-m", "zmqrun._warmchild", orjson.dumps(cfg).decode()],
                                       pass_fds=(self.board.fd,), stdin=subprocess.DEVNULL, start_new_session=True)
         self._child_started = time.monotonic()

@@ -59,7 +59,8 @@ import zmq
 
 from . import protocol as P
 from .board import JobBoard
-from .execute import error_report, install_capture, run_captured
+from .execute import error_report, install_capture, run_captured, set_output_factory
+from .livelogs import DEFAULT_MAX_LOG_BYTES, JobOutput, LogPump, check_max_log_bytes
 from .model import valid_tag
 from .allowlist import ERROR_TYPE, ScriptPolicy
 from .scripts import load_function
@@ -100,16 +101,20 @@ def canceled_result(job: dict[str, Any], reason: str) -> bytes:
 
 def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None,
              timeout: float | None = None,
-             on_start: Callable[[str, subprocess.Popen[bytes]], None] | None = None) -> bytes:
+             on_start: Callable[[str, subprocess.Popen[bytes]], None] | None = None,
+             output: JobOutput | None = None) -> bytes:
     """Run one job in a fresh Python process (the cold path); return its encoded result.
 
     ``timeout`` (seconds) applies when the job has none of its own.  ``on_start(job_id, proc)`` is
-    called once the process exists (the worker keeps it to kill on a CANCEL).  Raises nothing
+    called once the process exists (the worker keeps it to kill on a CANCEL).  ``output`` collects
+    the process's stdout and stderr as they arrive (capped; the worker's live-log pump reads it);
+    default a new :class:`~zmqrun.livelogs.JobOutput` with the default cap.  Raises nothing
     for job-level problems: a crash, a timeout (kills the whole process group) or an unreadable
     outcome become a failure result.
     """
     started = time.time()
     timeout = job.get("timeout") or timeout
+    out = output if output is not None else JobOutput(job["id"], job["attempt"])
     rfd, wfd = os.pipe()
     try:
         # -u: unbuffered stdout and stderr, so the job's logs keep the order it printed in.
@@ -128,15 +133,21 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
     outcome = bytearray()
     reader = threading.Thread(target=_read_all, args=(rfd, outcome), daemon=True)
     reader.start()
+    # The job's output is read as it comes (not at exit, as communicate() would), so it can stream.
+    assert proc.stdout is not None and proc.stdin is not None
+    out_reader = threading.Thread(target=_read_output, args=(proc.stdout, out), daemon=True)
+    out_reader.start()
+    _feed_stdin(proc.stdin, orjson.dumps({"script": job["script"], "args": job["args"]}))
     try:
-        out, _ = proc.communicate(orjson.dumps({"script": job["script"], "args": job["args"]}), timeout=timeout)
+        proc.wait(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        out, _ = proc.communicate()
+        proc.wait()
         timed_out = True
     reader.join(5)
-    logs = out.decode("utf-8", "replace")
+    out_reader.join(5)  # bounded: a grandchild that keeps the pipe open does not hold the result back
+    logs = out.text()
     if timed_out:
         frag = _error_frag("Timeout", f"job exceeded its timeout of {timeout:g} s and was killed")
     elif outcome:
@@ -151,6 +162,41 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
 def _read_all(fd: int, into: bytearray) -> None:
     with os.fdopen(fd, "rb") as f:
         into.extend(f.read())
+
+
+def _read_output(pipe: Any, out: JobOutput) -> None:
+    """Copy a cold job's stdout pipe into ``out`` as data arrives, until EOF."""
+    fd = pipe.fileno()
+    try:
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            out.write_bytes(data)
+    except OSError:
+        pass
+    finally:
+        pipe.close()
+
+
+def _feed_stdin(pipe: Any, data: bytes) -> None:
+    """Write the job to the child's stdin and close it; never blocks the caller for long: a payload
+    larger than a pipe's buffer is written by a thread (the child reads it first thing)."""
+    def feed() -> None:
+        try:
+            pipe.write(data)
+        except (BrokenPipeError, OSError):
+            pass  # the child died first: its exit code tells
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    if len(data) <= 60_000:  # fits in an empty pipe (64 KiB on Linux): no blocking
+        feed()
+    else:
+        threading.Thread(target=feed, daemon=True).start()
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -194,7 +240,9 @@ class Worker:
     :class:`zmqrun.security.CurveKeys` to connect to a router that uses CURVE.
     ``scripts``: a normal worker's roots (directories or module prefixes, see
     :mod:`zmqrun.allowlist`; default: the working directory).  Raises
-    ValueError for an invalid tag or root.
+    ValueError for an invalid tag or root.  ``max_log_bytes``:
+    bytes of output kept per job (the rest is dropped and counted in a marker at the
+    end of its logs; see :mod:`zmqrun.livelogs`); ValueError if out of range.
     Raises :class:`zmqrun.scripts.ScriptError` from :meth:`start` if the script
     cannot be imported (before READY).
     """
@@ -204,8 +252,17 @@ class Worker:
                  liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None, timeout: float | None = None,
                  board: JobBoard | None = None, identity: str | None = None,
                  supervisor: str | None = None, tags: tuple[str, ...] = (), untagged: bool | None = None,
-                 curve: CurveKeys | None = None, scripts: Sequence[str] | None = None) -> None:
+                 curve: CurveKeys | None = None, scripts: Sequence[str] | None = None,
+                 max_log_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
+        self.max_log_bytes = check_max_log_bytes(max_log_bytes)
+        # Running jobs' output, read by the live-log pump: pool threads' jobs by id, and the inline job's in a
+        # one-item list (a store per job instead of a dict insert and delete).
+        self._outputs: dict[str, JobOutput] = {}
+        self._inline_output: list[JobOutput | None] = [None]
+        self._pump = LogPump(connect, self._outputs, self._inline_output,
+                             on_error=lambda e: log.warning("live logs stopped: %r", e),
+                             secure=curve.apply if curve is not None else None)
         self.connect = connect
         self.script = script
         self.concurrency = concurrency
@@ -271,6 +328,7 @@ class Worker:
             install_capture()
         if self.board is not None:
             self.board.set_serving()
+        self._pump.start()
         if not self._inline:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="zmqrun-job")
         elif self.board is None:  # supervised: the supervisor's heartbeats cover long jobs
@@ -307,6 +365,7 @@ class Worker:
             log.info("worker %s stopping", self.name)
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pump.stop()
             self.ctx.term()
         return 0
 
@@ -550,6 +609,8 @@ class Worker:
         """
         func, script = self.func, self.script
         board, default_timeout = self.board, self.timeout
+        current = self._inline_output
+        set_output_factory(self._inline_output_for)
         first_unflushed = 0.0
         while self._pending and self._running:  # stopping: unstarted jobs go back to the router
             job = self._pending.popleft()
@@ -565,8 +626,9 @@ class Worker:
             self._in_job = True
             self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
             try:
-                frag, started, finished, logs = run_captured(func, job["args"])  # type: ignore[arg-type]
+                frag, started, finished, logs = run_captured(func, job["args"], job)  # type: ignore[arg-type]
             finally:
+                current[0] = None
                 self._sock_lock.acquire()
                 self._in_job = False
                 if board is not None:
@@ -578,6 +640,16 @@ class Worker:
             if len(self._results) >= RESULT_FLUSH_COUNT or now - first_unflushed >= RESULT_FLUSH_SECONDS:
                 self._flush()
 
+    def _inline_output_for(self, job: dict[str, Any]) -> JobOutput:
+        """The output buffer of the inline job, made at its first write (see execute.run_captured)."""
+        out = self._inline_output[0] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
+        return out
+
+    def _pooled_output_for(self, job: dict[str, Any]) -> JobOutput:
+        """The output buffer of a pool thread's job, made at its first write."""
+        out = self._outputs[job["id"]] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
+        return out
+
     def _run_pooled(self, job: dict[str, Any]) -> None:
         board = self.board
         slot = -1
@@ -586,16 +658,18 @@ class Worker:
             if why is not None:
                 data = _result_bytes(job, _error_frag(ERROR_TYPE, why), time.time(), time.time(), "")
             elif self.func is not None:
+                set_output_factory(self._pooled_output_for)
                 if board is not None:
                     slot = getattr(self._slot_of, "slot", -1)
                     if slot < 0:
                         slot = self._slot_of.slot = next(self._slots_taken)
                     board.begin(slot, job["id"], job["attempt"], job.get("timeout") or self.timeout)
-                frag, started, finished, logs = run_captured(self.func, job["args"])
+                frag, started, finished, logs = run_captured(self.func, job["args"], job)
                 data = _result_bytes(job, frag, started, finished, logs)
             else:
                 try:
-                    data = run_cold(job, timeout=self.timeout, on_start=self._cold_started)
+                    out = self._outputs[job["id"]] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
+                    data = run_cold(job, timeout=self.timeout, on_start=self._cold_started, output=out)
                 finally:
                     self._procs.pop(job["id"], None)
                     self._cancel_ids.discard(job["id"])
@@ -603,6 +677,7 @@ class Worker:
             data = _result_bytes(job, b'"status":"failure","error":' + orjson.dumps(error_report(e)),
                                  time.time(), time.time(), "")
         finally:
+            self._outputs.pop(job["id"], None)
             if slot >= 0:
                 board.end(slot)  # type: ignore[union-attr]
         self._done.append(data)
