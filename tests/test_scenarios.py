@@ -607,7 +607,8 @@ def test_s9_network_black_hole_between_worker_and_router(veth_pair: Any, zr: Clu
     ns, host_dev, ns_dev, host_ip, _ns_ip = veth_pair
     record = f"{_jobs(tmp_path)}:record"
     runs = tmp_path / "runs.log"
-    zr.start_router(heartbeat=HB, address=f"tcp://{host_ip}:{free_port()}")
+    zr.start_router(heartbeat=HB, address=f"tcp://{host_ip}:{free_port()}",
+                    extra=("--insecure",))  # a veth address inside this test: not loopback
     c = zr.client()
     w = zr.spawn("worker-ns", ["worker", "--connect", zr.address, "--name", "ns-worker", "--dedicated", record,
                                "--heartbeat", str(HB)], program=["ip", "netns", "exec", ns, sys.executable, "-m", "zmqrun"])
