@@ -612,33 +612,36 @@ class Worker:
         current = self._inline_output
         set_output_factory(self._inline_output_for)
         first_unflushed = 0.0
-        while self._pending and self._running:  # stopping: unstarted jobs go back to the router
-            job = self._pending.popleft()
-            if job["script"] != script:
-                self._results.append(self._not_allowed(job))
-                if len(self._results) == 1:
-                    first_unflushed = time.monotonic()
-                continue
-            if board is not None:
-                if self._is_canceled(job):
+        try:
+            while self._pending and self._running:  # stopping: unstarted jobs go back to the router
+                job = self._pending.popleft()
+                if job["script"] != script:
+                    self._results.append(self._not_allowed(job))
+                    if len(self._results) == 1:
+                        first_unflushed = time.monotonic()
                     continue
-                board.begin(0, job["id"], job["attempt"], job.get("timeout") or default_timeout)
-            self._in_job = True
-            self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
-            try:
-                frag, started, finished, logs = run_captured(func, job["args"], job)  # type: ignore[arg-type]
-            finally:
-                current[0] = None
-                self._sock_lock.acquire()
-                self._in_job = False
                 if board is not None:
-                    board.end(0)
-            self._results.append(_result_bytes(job, frag, started, finished, logs))
-            now = time.monotonic()
-            if len(self._results) == 1:
-                first_unflushed = now
-            if len(self._results) >= RESULT_FLUSH_COUNT or now - first_unflushed >= RESULT_FLUSH_SECONDS:
-                self._flush()
+                    if self._is_canceled(job):
+                        continue
+                    board.begin(0, job["id"], job["attempt"], job.get("timeout") or default_timeout)
+                self._in_job = True
+                self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
+                try:
+                    frag, started, finished, logs = run_captured(func, job["args"], job)  # type: ignore[arg-type]
+                finally:
+                    current[0] = None
+                    self._sock_lock.acquire()
+                    self._in_job = False
+                    if board is not None:
+                        board.end(0)
+                self._results.append(_result_bytes(job, frag, started, finished, logs))
+                now = time.monotonic()
+                if len(self._results) == 1:
+                    first_unflushed = now
+                if len(self._results) >= RESULT_FLUSH_COUNT or now - first_unflushed >= RESULT_FLUSH_SECONDS:
+                    self._flush()
+        finally:  # a stale factory would give this thread's later jobs (an in-process caller's) to this worker
+            set_output_factory(None)
 
     def _inline_output_for(self, job: dict[str, Any]) -> JobOutput:
         """The output buffer of the inline job, made at its first write (see execute.run_captured)."""
