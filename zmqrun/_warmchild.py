@@ -30,7 +30,8 @@ def main() -> int:
     w = Worker(cfg["connect"], cfg["script"], concurrency=cfg["concurrency"], prefetch=cfg["prefetch"],
                heartbeat=cfg["heartbeat"], liveness=cfg["liveness"], name=cfg["name"], timeout=cfg["timeout"],
                board=JobBoard.attach(cfg["board_fd"], cfg["concurrency"]), identity=cfg["identity"],
-               supervisor=cfg["supervisor"], tags=tuple(cfg.get("tags") or ()), untagged=cfg.get("untagged"))
+               supervisor=cfg["supervisor"], tags=tuple(cfg.get("tags") or ()), untagged=cfg.get("untagged"),
+               max_result_bytes=cfg["max_result_bytes"])
     try:
         w.start()
     except (ScriptError, ValueError) as e:

@@ -80,10 +80,15 @@ def main() -> None:
 @click.option("--recovery-lease", default=None, type=click.FloatRange(0, 3600),
               help="after a restart, seconds jobs that were running wait for their worker to report them "
                    "before they are queued again [default: heartbeat x liveness + 1]")
+@click.option("--max-message-bytes", default=P.MAX_MESSAGE_SIZE, show_default=True,
+              type=click.IntRange(1024, None),
+              help="ZeroMQ MAXMSGSIZE: a peer that sends a larger message is disconnected")
+@click.option("--max-args-bytes", default=P.MAX_ARGS_BYTES, show_default=True, type=click.IntRange(1, None),
+              help="largest job args (as JSON) a submit may carry; a larger job is rejected")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
            segment_mb: float, retain_days: float | None, retain_mb: float | None, recovery_lease: float | None,
-           log_level: str) -> None:
+           max_message_bytes: int, max_args_bytes: int, log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
 
@@ -95,7 +100,8 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
         code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts,
                           segment_bytes=max(4096, int(segment_mb * 1024 * 1024)), retain_days=retain_days,
                           retain_bytes=int(retain_mb * 1024 * 1024) if retain_mb else None,
-                          recovery_lease=recovery_lease)
+                          recovery_lease=recovery_lease, max_message_size=max_message_bytes,
+                          max_args_bytes=max_args_bytes)
     except (LogCorruption, DataDirError, OSError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
@@ -121,9 +127,12 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
 @click.option("--tag", "tags", multiple=True, metavar="TAG",
               help="take only jobs submitted with this tag (repeat for several); without --tag, only untagged jobs")
 @click.option("--untagged", is_flag=True, default=False, help="with --tag: take untagged jobs too")
+@click.option("--max-result-bytes", default=P.MAX_RESULT_BYTES, show_default=True, type=click.IntRange(1, None),
+              help="largest job result (as JSON); a larger one ends the job failure with ResultTooLarge")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,
-           name: str | None, timeout: float | None, tags: tuple[str, ...], untagged: bool, log_level: str) -> None:
+           name: str | None, timeout: float | None, tags: tuple[str, ...], untagged: bool, max_result_bytes: int,
+           log_level: str) -> None:
     """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job).
 
     A dedicated worker is two processes: a supervisor (this one: heartbeats, timeouts, cancels) and a
@@ -139,12 +148,13 @@ def worker(connect: str, script: str | None, concurrency: int, prefetch: int | N
 
             code = run_supervised(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                                   name=name, timeout=timeout, log_level=log_level, tags=tags,
-                                  untagged=untagged or not tags)
+                                  untagged=untagged or not tags, max_result_bytes=max_result_bytes)
         else:
             from .worker import run_worker
 
             code = run_worker(connect, None, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
-                              name=name, timeout=timeout, tags=tags, untagged=untagged or not tags)
+                              name=name, timeout=timeout, tags=tags, untagged=untagged or not tags,
+                              max_result_bytes=max_result_bytes)
     except (ScriptError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)

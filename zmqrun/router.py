@@ -180,7 +180,7 @@ class Router:
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, retain_days: float | None = None,
                  retain_bytes: int | None = None, background_checkpoints: bool = True,
-                 recovery_lease: float | None = None) -> None:
+                 recovery_lease: float | None = None, max_args_bytes: int = P.MAX_ARGS_BYTES) -> None:
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60) or not 1 <= liveness <= 100:
             raise ValueError("heartbeat must be 0.01 to 60 seconds and liveness 1 to 100")
         self.bind = bind
@@ -196,7 +196,12 @@ class Router:
         if not (math.isfinite(self.recovery_lease) and 0 <= self.recovery_lease <= 3600):
             raise ValueError("recovery_lease must be 0 to 3600 seconds")
         self._rng = random.Random()  # retry jitter
+        if type(max_message_size) is not int or max_message_size < 1024:
+            raise ValueError("max_message_size must be at least 1024 bytes")
+        if type(max_args_bytes) is not int or max_args_bytes < 1:
+            raise ValueError("max_args_bytes must be a positive number of bytes")
         self.max_message_size = max_message_size
+        self.max_args_bytes = max_args_bytes  # a job's args as JSON; a larger one is rejected in the ACK
         if segment_bytes < 4096:
             raise ValueError("segment_bytes must be at least 4096")
         if retain_days is not None and not (math.isfinite(retain_days) and retain_days > 0):
@@ -721,7 +726,8 @@ class Router:
             raise BadRequest("request body must be a JSON object")
         req = msg.get("req")
         if cmd == P.C_SUBMIT:
-            self._submit(ident, req, msg)
+            # Only a body over the args limit can hold a job over it: the common submit pays nothing.
+            self._submit(ident, req, msg, len(body) > self.max_args_bytes)
         elif cmd == P.C_WAIT:
             ids = msg.get("ids")
             if type(ids) is not list or not all(type(i) is str for i in ids):
@@ -748,7 +754,7 @@ class Router:
             raise BadRequest("job id must be a string")
         return self.queue.jobs.get(jid) or self.archive.get(jid)
 
-    def _submit(self, ident: bytes, req: Any, msg: dict[str, Any]) -> None:
+    def _submit(self, ident: bytes, req: Any, msg: dict[str, Any], check_args: bool = False) -> None:
         raw_jobs = msg.get("jobs")
         if not isinstance(raw_jobs, list) or not raw_jobs:
             raise BadRequest("submit needs a non-empty list of jobs")
@@ -772,6 +778,10 @@ class Router:
                 rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": str(e)})
                 continue
             jid = d["id"]
+            if check_args and (size := len(orjson.dumps(d["args"]))) > self.max_args_bytes:
+                rejected.append({"id": jid, "error": f"job args are {size:,} bytes as JSON, over the router's limit "
+                                                    f"of {self.max_args_bytes:,} bytes (--max-args-bytes)"})
+                continue
             existing = queue.jobs.get(jid) or batch.get(jid)
             if existing is None and archived(jid):
                 existing = self.archive.get(jid)

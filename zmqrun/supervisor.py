@@ -53,7 +53,7 @@ import zmq
 
 from . import protocol as P
 from .board import JobBoard, SlotState
-from .worker import check_worker_options
+from .worker import check_max_result_bytes, check_worker_options
 
 log = logging.getLogger("zmqrun.supervisor")
 
@@ -84,8 +84,10 @@ class Supervisor:
     def __init__(self, connect: str, script: str, concurrency: int = 1, prefetch: int | None = None,
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
                  name: str | None = None, timeout: float | None = None, log_level: str = "info",
-                 tags: tuple[str, ...] = (), untagged: bool | None = None) -> None:
+                 tags: tuple[str, ...] = (), untagged: bool | None = None,
+                 max_result_bytes: int = P.MAX_RESULT_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
+        self.max_result_bytes = check_max_result_bytes(max_result_bytes)
         self.connect = connect
         self.script = script
         self.concurrency = concurrency
@@ -149,7 +151,8 @@ class Supervisor:
                "prefetch": self.prefetch, "heartbeat": self.heartbeat, "liveness": self.liveness,
                "name": self.name, "identity": self.child_identity, "supervisor": self.identity.decode(),
                "timeout": self.timeout, "board_fd": self.board.fd, "parent_pid": os.getpid(),
-               "log_level": self.log_level, "tags": self.tags, "untagged": self.untagged}
+               "log_level": self.log_level, "tags": self.tags, "untagged": self.untagged,
+               "max_result_bytes": self.max_result_bytes}
         self.child = subprocess.Popen([sys.executable, "-m", "zmqrun._warmchild", orjson.dumps(cfg).decode()],
                                       pass_fds=(self.board.fd,), stdin=subprocess.DEVNULL, start_new_session=True)
         self._child_started = time.monotonic()
