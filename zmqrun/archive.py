@@ -154,10 +154,13 @@ class Archive:
         rtype, payload = end
         rec = orjson.loads(payload)
         if rtype == FINISH:
-            mine = [r for r in rec["results"] if isinstance(r, dict) and r.get("id") == job_id]
+            # Only the accepted report is logged; a log written before junk entries were filtered out may
+            # hold others, of which the highest whole-number attempt is the best guess.
+            mine = [r for r in rec["results"] if isinstance(r, dict) and r.get("id") == job_id
+                    and type(r.get("attempt")) is int]
             if not mine:
                 return None
-            r = max(mine, key=lambda r: r.get("attempt") or 0)
+            r = max(mine, key=lambda r: r["attempt"])
             job.worker, job.attempts = rec.get("worker"), r.get("attempt") or 0
             apply_result(job, r)
         elif rtype == CANCEL:

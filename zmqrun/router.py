@@ -294,7 +294,8 @@ class Router:
                         job.status, job.attempts, job.worker, job.started_at = RUNNING, attempt, rec["worker"], rec["at"]
             elif rtype == FINISH:
                 for r in rec["results"]:
-                    job = jobs.get(r.get("id")) if isinstance(r, dict) else None
+                    # Logs written before junk entries were filtered out may hold any JSON here.
+                    job = jobs.get(r.get("id")) if isinstance(r, dict) and type(r.get("id")) is str else None
                     # The live path's acceptance rule: the running attempt, or a late report of the
                     # attempt a job that was put back last ran (see Router._results).
                     if job is not None and ((job.status == RUNNING and r.get("attempt") == job.attempts)
@@ -1028,13 +1029,16 @@ class Router:
         if retried:
             self._retry(retried, w.name)  # not terminal: no SUBMIT is logged again for these
         if done:
-            if msg.get("worker") != w.name or any(job.attempt_errors for job, _ in done):
-                # The body is logged as is unless it must name the registered worker, or a job that was
-                # retried ends here: its terminal record carries its earlier attempts' errors.
+            if len(done) != len(results) or msg.get("worker") != w.name or any(job.attempt_errors
+                                                                                for job, _ in done):
+                # The body is logged as is unless some of its reports were dropped (stale or junk: only
+                # the accepted ones are logged, as the archive rebuilds a job from the entries with its
+                # id) or retried, it must name the registered worker, or a job that was retried ends
+                # here: its terminal record carries its earlier attempts' errors.
                 for job, r in done:
                     if job.attempt_errors:
                         r["attempt_errors"] = job.attempt_errors
-                body = orjson.dumps({**msg, "worker": w.name})
+                body = orjson.dumps({"worker": w.name, "results": [r for _job, r in done]})
             self._relog_submits([job for job, _r in done])
             # Replay applies the same acceptance rules to this record (see recover()).
             seq = self.log.append(FINISH, body)
@@ -1133,7 +1137,8 @@ class Router:
         unstarted: list[str] = []
         if "started" in msg:
             order, started = list(w.in_flight), msg["started"]
-            if isinstance(started, list) and len(started) == 2 and w.in_flight.get(started[0]) == started[1]:
+            if isinstance(started, list) and len(started) == 2 and type(started[0]) is str \
+                    and started[1] is not None and w.in_flight.get(started[0]) == started[1]:
                 unstarted = order[order.index(started[0]) + 1:]
             elif started is None or msg.get("in_order") is True:
                 unstarted = order
