@@ -45,7 +45,7 @@ ROGUE_READY = orjson.dumps({"script": "rogue.py:never", "credit": 2, "heartbeat"
                             "supervisor": ROGUE_SUP.decode()})
 ROUTER_HEADS = {P.header(P.ROUTER, c) for c in (P.R_ACK, P.R_RESULT, P.R_REPLY, P.R_JOBS, P.R_HEARTBEAT,
                                                P.R_DISCONNECT, P.R_CANCEL, P.R_ERROR)}
-MAX_ERROR_CHARS = 2000
+MAX_ERROR_CHARS = 500
 EXAMPLES = 1100  # each sends 8-12 hostile messages: >= 10,000 in all
 MESSAGES = (8, 12)
 
@@ -115,7 +115,7 @@ FIELDS = ["req", "jobs", "ids", "id", "status", "script", "limit", "reason", "by
           "heartbeat", "name", "tags", "untagged", "supervisor", "worker", "batch", "results", "started", "in_order"]
 
 TRICKY = [None, True, False, 0, -1, 1, 2**31, 2**63 - 1, 2**64 - 1, -(2**63), 1.5, -0.0, 1e308, "", "\n", "a\x00b",
-          "x" * 300, "s.py:f", "exponential:1", [], {}, [None], {"": None}, [[[[]]]], WRONG_ATTEMPTS, ["x", None],
+          "x" * 300, "y" * 5000, "s.py:f", "exponential:1", [], {}, [None], {"": None}, [[[[]]]], WRONG_ATTEMPTS, ["x", None],
           [None, None], ["x", 1], [[], 1]]
 
 # A hostile message is drawn as a recipe: its strategy, a seed and, for the JSON strategies, a JSON value
@@ -296,6 +296,8 @@ def check_reply(frames: list[bytes]) -> None:
         errors.extend(r["error"] for r in body["rejected"])
     elif frames[0] == P.H_R_DISCONNECT:
         errors.append(body["reason"])
+    elif frames[0] == P.H_REPLY and "message" in body:
+        errors.append(body["message"])
     for e in errors:
         assert type(e) is str and e and "\n" not in e and len(e) <= MAX_ERROR_CHARS, e
         assert "Traceback" not in e, e
@@ -396,7 +398,8 @@ def fuzz_router(tmp_path: Path, examples: int, derandomize: bool = False, seed: 
             new_jobs = set(d.router.queue.jobs) - jobs_before
             if new_jobs:  # only a submit creates jobs, and only with the ids it sent
                 assert frames[1] == P.header(P.CLIENT, P.C_SUBMIT), (how, frames)
-                sent_ids = {j.get("id") for j in orjson.loads(frames[2])["jobs"] if type(j) is dict}
+                sent_ids = {j["id"] for j in orjson.loads(frames[2])["jobs"] if type(j) is dict
+                            and type(j.get("id")) is str}
                 assert new_jobs <= sent_ids, (new_jobs, frames)
                 d.hostile_jobs |= new_jobs
             if d.router.log.last_seq != seq_before:
@@ -406,7 +409,7 @@ def fuzz_router(tmp_path: Path, examples: int, derandomize: bool = False, seed: 
             # before any dispatch, so jobs only ever go to the valid worker.
             workers = d.router.queue.workers
             for ident in [i for i, w in workers.items() if i != WORKER and not (
-                    i == ROGUE and (w.script, w.credit) == ("rogue.py:never", 2))]:
+                    i == ROGUE and (w.script, w.credit, w.supervisor) == ("rogue.py:never", 2, ROGUE_SUP))]:
                 d.router._handle([ident, P.H_W_DISCONNECT])
             if ROGUE not in workers:
                 register_rogue()
@@ -420,7 +423,7 @@ def fuzz_router(tmp_path: Path, examples: int, derandomize: bool = False, seed: 
     try:
         run()
         sent = sum(counts.values())
-        assert sent >= 9 * examples, counts
+        assert sent >= 9 * examples and (examples < EXAMPLES or sent >= 10_000), counts
         # Every kind of answer a hostile peer can get was given, and the router counted what it dropped.
         assert d.replies.get(P.H_ERROR, 0) > 1000 and d.replies.get(P.H_R_DISCONNECT, 0) > 10, d.replies
         assert d.router.stats["malformed"] > 100 and d.router.stats["bad_request"] > 1000, d.router.stats
@@ -560,3 +563,29 @@ def test_recovery_survives_junk_entries_logged_by_older_routers(tmp_path: Path) 
         d.close()
     rebuilt = _reopen_and_rebuild(tmp_path, jid)
     assert rebuilt is not None and rebuilt["status"] == "success" and rebuilt["result"] == "r:" + jid, rebuilt
+
+
+def test_errors_quoting_huge_values_are_cut(tmp_path: Path) -> None:
+    """Bug: an error quoting what a peer sent (a 5,000-character tag or backoff, a cancel of a 5,000-character
+    id) came back whole; errors are now cut to MAX_ERROR_CHARS characters, still one line."""
+    big = "y" * 5000
+    d = FuzzDriver(tmp_path)
+    try:
+        jobs = [{"id": f"j{i}", "script": "s.py:f", **extra} for i, extra in enumerate(
+            [{"tag": big}, {"backoff": big}, {"backoff": {"kind": big}}, {"backoff": {"kind": "constant", big: 1}}])]
+        d.router._handle([b"fz", P.header(P.CLIENT, P.C_SUBMIT), orjson.dumps({"req": 1, "jobs": jobs})])
+        d.router._handle([b"fz", P.header(P.CLIENT, P.C_CANCEL), orjson.dumps({"req": 2, "id": big})])
+        d.router._handle([b"fz", P.header(P.CLIENT, P.C_SUBMIT), orjson.dumps({"req": 3, "jobs": [
+            {"id": "j9", "script": "s.py:f", "backoff": [big]}]})])
+        d.router._commit()
+        replies = [orjson.loads(f[1]) for i, f in d.sock.sent if i == b"fz"]
+        assert [len(r["rejected"]) for r in replies if "rejected" in r] == [4, 1]
+        texts = [e["error"] for r in replies for e in r.get("rejected", [])]
+        texts += [r["message"] for r in replies if "message" in r]
+        assert len(texts) == 6
+        for t in texts:
+            assert len(t) <= MAX_ERROR_CHARS and "\n" not in t, t
+        assert all(t.endswith("...") for t in texts[:4]), texts
+        d.check_hostile()
+    finally:
+        d.close()

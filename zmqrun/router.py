@@ -62,6 +62,14 @@ class BadRequest(ValueError):
     """A client request that is well-framed but invalid; its text goes back to the client."""
 
 
+MAX_ERROR_CHARS = 500  # an error sent back is cut to this many characters (it may quote what was sent)
+
+
+def _clip(text: str) -> str:
+    """``text`` cut to MAX_ERROR_CHARS (errors quote values a peer sent, which may be huge)."""
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+
+
 MAX_PRIORITY = 2**31 - 1
 MAX_DELAY = 10 * 365 * 86400.0  # seconds: ten years ahead is the latest a job may be scheduled
 MAX_TIMEOUT = 30 * 86400.0  # seconds
@@ -717,7 +725,7 @@ class Router:
             self._error(ident, _request_id(body), str(e))
 
     def _error(self, ident: bytes, req: Any, text: str) -> None:
-        self._send(ident, [P.H_ERROR, orjson.dumps({"req": req, "error": text})])
+        self._send(ident, [P.H_ERROR, orjson.dumps({"req": req, "error": _clip(text)})])
 
     # client commands
 
@@ -776,7 +784,7 @@ class Router:
             try:
                 d = normalize_job(raw, now)
             except BadRequest as e:
-                rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": str(e)})
+                rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": _clip(str(e))})
                 continue
             jid = d["id"]
             if check_args and (size := len(orjson.dumps(d["args"]))) > self.max_args_bytes:
@@ -867,7 +875,7 @@ class Router:
         the job's process); it keeps the job's credit until the worker reports the job gone."""
         job = self._find(jid)
         if job is None:
-            self._reply(ident, req, {"canceled": False, "status": None, "message": f"no job {jid}"})
+            self._reply(ident, req, {"canceled": False, "status": None, "message": _clip(f"no job {jid}")})
             return
         if job.status in FINISHED:
             self._reply(ident, req, {"canceled": False, "status": job.status,
