@@ -4,10 +4,14 @@ paths: ResultTooLarge, the worker keeps serving), large result batches split bel
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Callable
 
 import orjson
 import pytest
+import zmq
+import zmq.utils.monitor
 
 from conftest import Cluster, unused_address, write_script
 from routerdriver import CLIENT, Driver
@@ -160,3 +164,42 @@ def test_large_result_batches_go_out_in_several_messages(monkeypatch: pytest.Mon
         assert w._results == [] and len(w._unacked) == 4
     finally:
         w.ctx.term()
+
+
+def test_a_frame_over_max_message_bytes_disconnects_its_sender(zr: Cluster) -> None:
+    zr.start_router(extra=("--max-message-bytes", "100000"))
+    ctx = zmq.Context()
+    try:
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        mon = d.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        d.connect(zr.address)
+        events: list[int] = []
+
+        def saw(event: int) -> bool:
+            while mon.poll(100):
+                events.append(zmq.utils.monitor.recv_monitor_message(mon)["event"])
+            return event in events
+
+        assert wait_for(lambda: saw(zmq.EVENT_CONNECTED))
+        d.send_multipart([P.header(P.CLIENT, P.C_STATUS), b"z" * 200_000])
+        assert wait_for(lambda: saw(zmq.EVENT_DISCONNECTED)), events
+        # The peer reconnects by itself and is served: a request under the limit is answered.
+        d.send_multipart([P.header(P.CLIENT, P.C_STATUS), orjson.dumps({"req": 5})])
+        assert d.poll(15_000)
+        head, body = d.recv_multipart()
+        assert head == P.H_REPLY and orjson.loads(body)["req"] == 5
+        d.disable_monitor()
+        mon.close(0)
+        d.close(0)
+    finally:
+        ctx.destroy(0)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Call ``pred`` (which blocks briefly itself) until it is true or ``timeout`` seconds pass."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+    return False
