@@ -141,3 +141,19 @@ def test_bad_args_json_is_a_one_line_error(router: Cluster, client: Client, bad:
     line = one_error_line(router.cli("submit", FIBO, "--args", bad))
     assert "--args" in line and words in line, line
     assert client.list_jobs() == []
+
+
+def test_byte_size_option_accepts_plain_binary_and_decimal_units_and_refuses_junk() -> None:
+    import click
+
+    from zmqrun.cli import ByteSize
+
+    size = ByteSize()
+    assert size.convert("500000", None, None) == 500_000
+    assert size.convert("512KiB", None, None) == 512 * 1024
+    assert size.convert("64M", None, None) == 64 * 1024**2
+    assert size.convert("2GB", None, None) == 2 * 10**9
+    assert size.convert("1.5 GiB", None, None) == int(1.5 * 1024**3)
+    for bad in ("12X", "", "MiB", "-5", "0", "1e400"):
+        with pytest.raises(click.BadParameter):
+            size.convert(bad, None, None)

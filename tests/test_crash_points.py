@@ -232,6 +232,7 @@ class _Clock:
     def __init__(self) -> None:
         self.now = 4_000_000_000.0  # far ahead of the real clock: delayed jobs stay in the future on recovery
         self.monotonic = time.monotonic
+        self.perf_counter, self.thread_time = time.perf_counter, time.thread_time  # pause statistics only
 
     def time(self) -> float:
         self.now += 0.25

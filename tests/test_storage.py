@@ -70,7 +70,7 @@ def test_rolls_write_index_files_and_snapshots_and_restart_reads_old_jobs_from_d
 
 def test_retention_by_size_keeps_disk_bounded_and_old_jobs_read_as_unknown(zr: Cluster, tmp_path: Path) -> None:
     script = f"{write_script(tmp_path, 'echo.py', ECHO)}:echo"
-    zr.start_router(extra=(*SEGMENT, "--retain-mb", "0.5"))
+    zr.start_router(extra=(*SEGMENT, "--retain-bytes", "512KiB"))
     zr.start_worker(script)
     c = zr.client()
     pad = "x" * 200
@@ -215,3 +215,39 @@ def test_a_damaged_archived_job_gets_one_error_line_and_the_router_keeps_serving
     r._handle([CLIENT, P.header(P.CLIENT, P.C_STATUS), orjson.dumps({"req": 8})])
     assert again.sock.sent and again.sock.sent[0][1][0] == P.H_REPLY  # still serving
     again.close()
+
+
+def test_entries_of_an_indexed_segment_are_freed_in_slices_and_jobs_stay_readable(tmp_path: Path) -> None:
+    """Issue 4 ("never blocks the loop for more than a few ms"): dropping a sealed segment's in-memory
+    entries at once cost ~20 ms for a 64 MiB segment; they are freed a bounded slice per loop iteration,
+    and a finished job is found through the index file meanwhile."""
+    from routerdriver import Driver
+
+    d = Driver(tmp_path, segment_bytes=64 * 1024, credit=100)
+    arch = d.router.archive
+    while not arch.retired:
+        d.submit(50)
+        d.tick()
+        d.work()
+        d.tick()
+        assert len(d.acked) < 20_000, "no segment was indexed"
+    retired = sum(len(e) for e in arch.retired)
+    assert retired > 100
+    first = next(iter(d.finished))
+    arch.recent.clear()  # force a lookup through the index file
+    assert arch.get(first) is not None and arch.get(first).status == "success"
+    d.tick()  # the loop's second half frees one slice (8,192 entries at most)
+    left = sum(len(e) for e in arch.retired)
+    assert left == max(0, retired - 8192)
+    retired = left
+    steps = 0
+    while arch.retired:
+        before = sum(len(e) for e in arch.retired)
+        arch.release(budget=64)
+        assert before - sum(len(e) for e in arch.retired) <= 64
+        steps += 1
+    assert steps >= retired / 64
+    for jid in d.finished:
+        job = arch.get(jid)
+        assert job is not None and job.result == d.finished[jid]["result"], jid
+    d.close()

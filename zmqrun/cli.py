@@ -19,6 +19,29 @@ from . import protocol as P
 ADDRESS_HELP = "router endpoint (env ZMQRUN_ADDRESS)"
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3,
+               "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: ``1048576``, ``64MiB``/``64M`` (binary) or ``64MB`` (decimal); K, M, G."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        num = text.rstrip("kmgib")
+        try:
+            size = float(num) * _SIZE_UNITS[text[len(num):]]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size (e.g. 500000, 512KiB, 64MiB, 2GB)", param, ctx)
+        if not 0 < size < 2**63:
+            self.fail(f"{value!r} must be above 0", param, ctx)
+        return int(size)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -75,19 +98,19 @@ def main() -> None:
               help="roll the log to a new segment at this size (MiB); a snapshot may follow each roll")
 @click.option("--retain-days", default=None, type=click.FloatRange(min=0, min_open=True),
               help="drop whole old log segments of finished jobs older than this [default: keep forever]")
-@click.option("--retain-mb", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="drop the oldest segments of finished jobs while the log is larger than this (MiB)")
+@click.option("--retain-bytes", default=None, type=ByteSize(),
+              help="drop the oldest segments of finished jobs while the log is larger than this "
+                   "(bytes, or e.g. 512MiB, 10GB)")
 @click.option("--recovery-lease", default=None, type=click.FloatRange(0, 3600),
               help="after a restart, seconds jobs that were running wait for their worker to report them "
                    "before they are queued again [default: heartbeat x liveness + 1]")
-@click.option("--max-message-bytes", default=P.MAX_MESSAGE_SIZE, show_default=True,
-              type=click.IntRange(1024, None),
-              help="ZeroMQ MAXMSGSIZE: a peer that sends a larger message is disconnected")
-@click.option("--max-args-bytes", default=P.MAX_ARGS_BYTES, show_default=True, type=click.IntRange(1, None),
+@click.option("--max-message-bytes", default="256MiB", show_default=True, type=ByteSize(),
+              help="ZeroMQ MAXMSGSIZE: a peer that sends a larger frame is disconnected (at least 1KiB)")
+@click.option("--max-args-bytes", default="64MiB", show_default=True, type=ByteSize(),
               help="largest job args (as JSON) a submit may carry; a larger job is rejected")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
-           segment_mb: float, retain_days: float | None, retain_mb: float | None, recovery_lease: float | None,
+           segment_mb: float, retain_days: float | None, retain_bytes: int | None, recovery_lease: float | None,
            max_message_bytes: int, max_args_bytes: int, log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
@@ -99,7 +122,7 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
     try:
         code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts,
                           segment_bytes=max(4096, int(segment_mb * 1024 * 1024)), retain_days=retain_days,
-                          retain_bytes=int(retain_mb * 1024 * 1024) if retain_mb else None,
+                          retain_bytes=retain_bytes,
                           recovery_lease=recovery_lease, max_message_size=max_message_bytes,
                           max_args_bytes=max_args_bytes)
     except (LogCorruption, DataDirError, OSError, ValueError) as e:
@@ -127,7 +150,7 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
 @click.option("--tag", "tags", multiple=True, metavar="TAG",
               help="take only jobs submitted with this tag (repeat for several); without --tag, only untagged jobs")
 @click.option("--untagged", is_flag=True, default=False, help="with --tag: take untagged jobs too")
-@click.option("--max-result-bytes", default=P.MAX_RESULT_BYTES, show_default=True, type=click.IntRange(1, None),
+@click.option("--max-result-bytes", default="64MiB", show_default=True, type=ByteSize(),
               help="largest job result (as JSON); a larger one ends the job failure with ResultTooLarge")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,

@@ -205,9 +205,11 @@ class Router:
             raise ValueError("recovery_lease must be 0 to 3600 seconds")
         self._rng = random.Random()  # retry jitter
         if type(max_message_size) is not int or max_message_size < 1024:
-            raise ValueError("max_message_size must be at least 1024 bytes")
+            raise ValueError(f"the maximum message size must be at least 1024 bytes, not {max_message_size!r} "
+                             f"(--max-message-bytes)")
         if type(max_args_bytes) is not int or max_args_bytes < 1:
-            raise ValueError("max_args_bytes must be a positive number of bytes")
+            raise ValueError(f"the maximum args size must be a positive number of bytes, not {max_args_bytes!r} "
+                             f"(--max-args-bytes)")
         self.max_message_size = max_message_size
         self.max_args_bytes = max_args_bytes  # a job's args as JSON; a larger one is rejected in the ACK
         if segment_bytes < 4096:
@@ -562,7 +564,7 @@ class Router:
                 break
             if sync_at is not None:
                 wait = min(wait, sync_at - mono)
-            if self._dirty:
+            if self._dirty or self.archive.retired:
                 wait = 0
             try:
                 ready = poller.poll(max(0, int(wait * 1000) + (wait > 0)))
@@ -598,6 +600,10 @@ class Router:
         if self._gated:
             self._flush_gated()
         self.archive.trim()
+        if self.archive.retired:
+            t0 = (time.perf_counter(), time.thread_time())
+            self.archive.release()
+            self._paused(t0)
         if jlog.sealed:  # a segment was sealed just now: the state in memory is at its boundary
             self._to_index.extend(jlog.sealed)
             self._bytes_since_snap += sum(seg.size for seg in jlog.sealed)
