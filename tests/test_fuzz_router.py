@@ -415,6 +415,9 @@ def fuzz_router(tmp_path: Path, examples: int, derandomize: bool = False, seed: 
                 register_rogue()
             assert workers[WORKER].script == "s.py:f" and workers[WORKER].free > 0
         state["fuzz_ids"] = sorted(d.hostile_jobs)[-5:]
+        if state["n"] % 50 == 0:  # cancel the hostile jobs still queued (delayed, tagged): bounded state
+            for jid in [j for j in d.router.queue.jobs if j in d.hostile_jobs]:
+                d.router._handle([b"cleanup", P.header(P.CLIENT, P.C_CANCEL), orjson.dumps({"req": 0, "id": jid})])
         assert d.router._commit()
         d.check_hostile()
         work()
@@ -567,7 +570,8 @@ def test_recovery_survives_junk_entries_logged_by_older_routers(tmp_path: Path) 
 
 def test_errors_quoting_huge_values_are_cut(tmp_path: Path) -> None:
     """Bug: an error quoting what a peer sent (a 5,000-character tag or backoff, a cancel of a 5,000-character
-    id) came back whole; errors are now cut to MAX_ERROR_CHARS characters, still one line."""
+    id) came back whole, and one quoting an id with a line break was two lines; errors are now one line of at
+    most MAX_ERROR_CHARS characters."""
     big = "y" * 5000
     d = FuzzDriver(tmp_path)
     try:
@@ -575,6 +579,7 @@ def test_errors_quoting_huge_values_are_cut(tmp_path: Path) -> None:
             [{"tag": big}, {"backoff": big}, {"backoff": {"kind": big}}, {"backoff": {"kind": "constant", big: 1}}])]
         d.router._handle([b"fz", P.header(P.CLIENT, P.C_SUBMIT), orjson.dumps({"req": 1, "jobs": jobs})])
         d.router._handle([b"fz", P.header(P.CLIENT, P.C_CANCEL), orjson.dumps({"req": 2, "id": big})])
+        d.router._handle([b"fz", P.header(P.CLIENT, P.C_CANCEL), orjson.dumps({"req": 4, "id": "a\nb\r"})])
         d.router._handle([b"fz", P.header(P.CLIENT, P.C_SUBMIT), orjson.dumps({"req": 3, "jobs": [
             {"id": "j9", "script": "s.py:f", "backoff": [big]}]})])
         d.router._commit()
@@ -582,7 +587,7 @@ def test_errors_quoting_huge_values_are_cut(tmp_path: Path) -> None:
         assert [len(r["rejected"]) for r in replies if "rejected" in r] == [4, 1]
         texts = [e["error"] for r in replies for e in r.get("rejected", [])]
         texts += [r["message"] for r in replies if "message" in r]
-        assert len(texts) == 6
+        assert len(texts) == 7 and texts[-1] == "no job a\\nb\\r", texts[-1]
         for t in texts:
             assert len(t) <= MAX_ERROR_CHARS and "\n" not in t, t
         assert all(t.endswith("...") for t in texts[:4]), texts

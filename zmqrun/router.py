@@ -66,7 +66,10 @@ MAX_ERROR_CHARS = 500  # an error sent back is cut to this many characters (it m
 
 
 def _clip(text: str) -> str:
-    """``text`` cut to MAX_ERROR_CHARS (errors quote values a peer sent, which may be huge)."""
+    """``text`` as one line of at most MAX_ERROR_CHARS (errors quote values a peer sent, which may be huge
+    or hold line breaks)."""
+    if "\n" in text or "\r" in text:
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
