@@ -62,6 +62,7 @@ class BadRequest(ValueError):
     """A client request that is well-framed but invalid; its text goes back to the client."""
 
 
+LIST_REBUILD_BUDGET = 10_000  # older finished jobs a LIST may read back from the log (~50 µs each)
 MAX_ERROR_CHARS = 500  # an error sent back is cut to this many characters (it may quote what was sent)
 
 
@@ -863,8 +864,9 @@ class Router:
         # matches, so a listing costs O(limit), not a sort of every job ever run, in the loop.
         live = sorted((j for j in self.queue.jobs.values() if wanted(j)), key=lambda j: j.created_at, reverse=True)
         done: list[Job] = []
-        # Beyond the recent jobs held in memory, older ones are rebuilt from the log: bounded per request.
-        for job in self.archive.newest(budget=max(1000, 4 * limit)):
+        # Beyond the recent jobs held in memory, older ones are rebuilt from the log: bounded per request,
+        # also for a huge limit (each rebuild reads the log; the loop serves nobody else meanwhile).
+        for job in self.archive.newest(budget=min(max(1000, 4 * limit), LIST_REBUILD_BUDGET)):
             if wanted(job):
                 done.append(job)
                 if len(done) >= limit:
