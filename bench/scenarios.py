@@ -325,6 +325,8 @@ def zmqrun_stack(ctx: Ctx, tag: str, fsync: str, workers: list[list[str]]) -> It
         st = Stack(ctx, tag, fsync, f"tcp://127.0.0.1:{free_port()}", data, ch, None, None)
         st._start_router()
         for i, w in enumerate(workers):
+            if "--dedicated" not in w:  # a normal worker runs only scripts under its roots: the bench jobs
+                w = [*w, "--scripts", "bench.jobs"]
             ch.start(f"{tag}-worker{i}", [PY, "-m", "zmqrun", "worker", "--connect", st.addr, *w])
         st.client = Client(st.addr, timeout=min(60.0, 1.5 * ctx.plan.deadline_s))
         try:

@@ -24,6 +24,7 @@ from zmqrun import Client, RouterUnavailable
 FIBO = "zmqrun.examples.demo:fibo"
 WORDS = "zmqrun.examples.demo:words"
 READY_TIMEOUT = 15.0  # seconds to wait for a router or worker to come up
+EXAMPLES_DIR = str(Path(__import__("zmqrun.examples", fromlist=["x"]).__file__).parent)  # the bundled examples
 HEARTBEAT = 0.5  # default --heartbeat for routers and workers here: quick shutdown, no spurious losses
 
 
@@ -139,6 +140,7 @@ class Cluster:
         self.procs: list[Proc] = []
         self.clients: list[Client] = []
         self.router_proc: Proc | None = None
+        self.curve: Any = None  # zmqrun.CurveKeys for the clients made here, with a router that uses CURVE
         self._n = 0
 
     # -- processes ------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class Cluster:
                 args += ["--heartbeat", str(heartbeat)]
             p = self.spawn("router", args, env=env, program=program)
             self.address = addr
-            with Client(addr, timeout=0.5) as c:
+            with Client(addr, timeout=0.5, curve=self.curve) as c:
                 end = time.monotonic() + READY_TIMEOUT
                 while time.monotonic() < end and p.alive():
                     try:
@@ -198,6 +200,10 @@ class Cluster:
             args += ["--prefetch", str(prefetch)]
         if heartbeat is not None:
             args += ["--heartbeat", str(heartbeat)]
+        if script is None and "--scripts" not in extra:
+            # A normal worker runs only scripts under its roots: the test's files and the bundled examples
+            # (named as modules, and as files).
+            args += ["--scripts", str(cwd or self.tmp), "--scripts", "zmqrun.examples", "--scripts", EXAMPLES_DIR]
         args += list(extra)
         p = self.spawn(f"worker-{name}", args, cwd)
         p.worker_name = name  # type: ignore[attr-defined]
@@ -206,7 +212,7 @@ class Cluster:
         return p
 
     def worker_names(self) -> list[str]:
-        with Client(self.address, timeout=5) as c:
+        with Client(self.address, timeout=5, curve=self.curve) as c:
             return [w["name"] for w in c.status()["workers"]]
 
     def wait_worker(self, name: str, proc: Proc | None = None, timeout: float = READY_TIMEOUT) -> None:
@@ -220,7 +226,7 @@ class Cluster:
     # -- clients and CLI ------------------------------------------------------------------
 
     def client(self, timeout: float = 10.0, address: str | None = None) -> Client:
-        c = Client(address or self.address, timeout=timeout)
+        c = Client(address or self.address, timeout=timeout, curve=self.curve)
         self.clients.append(c)
         return c
 

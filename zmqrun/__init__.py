@@ -3,7 +3,7 @@
 Public API: :class:`Client`, :class:`Job`, :class:`AsyncClient` and
 :class:`AsyncJob` (asyncio), :class:`JobRecord`, and the errors
 :class:`ZmqrunError`, :class:`JobFailed`, :class:`RouterUnavailable`,
-:class:`RequestRejected`.  Imports are lazy so that the cold path's child
+:class:`RequestRejected`; :class:`CurveKeys` (CURVE settings of a client).  Imports are lazy so that the cold path's child
 process (``python -m zmqrun._coldstart``) does not pay for zmq.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["Client", "Job", "AsyncClient", "AsyncJob", "JobRecord", "CancelResult", "ZmqrunError", "JobFailed",
-           "RouterUnavailable", "RequestRejected", "__version__"]
+           "RouterUnavailable", "RequestRejected", "CurveKeys", "__version__"]
 
 _CLIENT_NAMES = {"Client", "Job", "CancelResult", "ZmqrunError", "JobFailed", "RouterUnavailable", "RequestRejected"}
 
@@ -27,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from . import aio
 
         return getattr(aio, name)
+    if name == "CurveKeys":
+        from .security import CurveKeys
+
+        return CurveKeys
     if name == "JobRecord":
         from .model import JobRecord
 

@@ -25,12 +25,14 @@ def main() -> int:
                         stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from .board import JobBoard
     from .scripts import ScriptError
+    from .security import CurveKeys
     from .worker import Worker
 
     w = Worker(cfg["connect"], cfg["script"], concurrency=cfg["concurrency"], prefetch=cfg["prefetch"],
                heartbeat=cfg["heartbeat"], liveness=cfg["liveness"], name=cfg["name"], timeout=cfg["timeout"],
                board=JobBoard.attach(cfg["board_fd"], cfg["concurrency"]), identity=cfg["identity"],
                supervisor=cfg["supervisor"], tags=tuple(cfg.get("tags") or ()), untagged=cfg.get("untagged"),
+               curve=CurveKeys(**cfg["curve"]) if cfg.get("curve") else None,
                max_result_bytes=cfg["max_result_bytes"])
     try:
         w.start()

@@ -25,11 +25,11 @@ import zmq
 from . import protocol as P
 from .client import (WAIT_SLICE, Call, CancelResult, ConnectionWatch, RequestRejected, ZmqrunError, cancel_request,
                      check_map_options, check_max_args_bytes, client_settings, encode_request, evict_unclaimed,
-                     get_request, id_list,
-                     job_dict, list_request, no_answer, noack_submit, outcome_value, peer_identity,
+                     get_request, id_list, job_dict, list_request, no_answer, noack_submit, outcome_value,
                      read_router_message, rejected_outcomes, reply_body, retry_job_dict, run_job_dict,
-                     status_request, submit_request, unreachable)
+                     setup_client_socket, status_request, submit_request, unreachable)
 from .model import JobRecord
+from .security import CurveKeys
 
 log = logging.getLogger("zmqrun.aio")
 
@@ -97,18 +97,19 @@ class AsyncClient:
 
     ``address``: router endpoint (default ``$ZMQRUN_ADDRESS`` or
     tcp://127.0.0.1:5555).  ``timeout``: seconds to wait for the router to
-    answer any request before raising :class:`RouterUnavailable`.  Use it as
+    answer any request before raising :class:`RouterUnavailable`.  ``curve``:
+    :class:`zmqrun.CurveKeys`, as for :class:`zmqrun.Client`.  Use it as
     ``async with AsyncClient(...) as c:`` or call ``await c.close()``.  The
     client binds to the event loop it is first used on.  Router restarts are
     ridden out as :class:`zmqrun.Client` does (requests sent again, waits asked again).
     """
 
-    def __init__(self, address: str | None = None, timeout: float = 10.0, *,
+    def __init__(self, address: str | None = None, timeout: float = 10.0, curve: CurveKeys | None = None, *,
                  max_args_bytes: int = P.MAX_ARGS_BYTES) -> None:
         self.address, self.timeout = client_settings(address, timeout)
         self.max_args_bytes = check_max_args_bytes(max_args_bytes)
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        P.configure_peer_socket(self._sock, peer_identity(), linger_ms=500)
+        setup_client_socket(self._sock, curve)
         self._conn = ConnectionWatch(self._sock)
         self._seen_conns = 1  # connections counted so far (the first one is no reconnection)
         self._reasking: asyncio.Task[None] | None = None
@@ -354,7 +355,7 @@ class AsyncClient:
             while True:
                 left = deadline - loop.time()
                 if left <= 0:
-                    raise unreachable(self.address, self.timeout) from None
+                    raise unreachable(self.address, self.timeout, self._conn.failure()) from None
                 await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, 0.05)
                 if self._closed:

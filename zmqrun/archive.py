@@ -149,43 +149,41 @@ class Archive:
         loc = self.locate(job_id)
         return self.rebuild(job_id, *loc) if loc is not None else None
 
-    def rebuild(self, job_id: str, submit_seq: int, end_seq: int) -> Job | None:
+    def rebuild(self, job_id: str, submit_seq: int, end_seq: int,
+                cache: dict[int, _Decoded | None] | None = None) -> Job | None:
         """A finished :class:`Job` from its SUBMIT and terminal records; None if either is gone (retention).
 
+        ``cache`` (seq -> decoded record) lets a caller rebuilding many jobs (a listing) read and decode
+        each record once: a SUBMIT or FINISH record holds up to a batch of jobs.
         Raises :class:`ArchiveDamaged` if a record cannot be read (damaged or unreadable segment)."""
         try:
-            sub = self.log.read_record(submit_seq)
-            end = self.log.read_record(end_seq)
+            sub = self._decoded(submit_seq, cache)
+            end = self._decoded(end_seq, cache)
         except (LogCorruption, OSError) as e:  # a lookup must not take the router down, nor say "unknown"
             where = f"{e.path.name} at offset {e.offset}: {e.why}" if isinstance(e, LogCorruption) else str(e)
             msg = (f"job {job_id} is in the archive but its records cannot be read back ({where}); "
                    f"run `zmqrun log check {self.log.dir}`")
             log.error("%s", msg)
             raise ArchiveDamaged(msg) from None
-        if sub is None or end is None or sub[0] != SUBMIT:
+        if sub is None or end is None or sub.rtype != SUBMIT:
             return None
-        d = next((j for j in orjson.loads(sub[1])["jobs"] if j["id"] == job_id), None)
+        d = sub.find(job_id)
         if d is None:
             return None
         job = job_from(d)
         job.submit_seq = submit_seq
-        rtype, payload = end
-        rec = orjson.loads(payload)
-        if rtype == FINISH:
-            # Only the accepted report is logged; a log written before junk entries were filtered out may
-            # hold others, of which the highest whole-number attempt is the best guess.
-            mine = [r for r in rec["results"] if isinstance(r, dict) and r.get("id") == job_id
-                    and type(r.get("attempt")) is int]
-            if not mine:
+        rec = end.rec
+        if end.rtype == FINISH:
+            r = end.find(job_id)
+            if r is None:
                 return None
-            r = max(mine, key=lambda r: r["attempt"])
             job.worker, job.attempts = rec.get("worker"), r.get("attempt") or 0
-            apply_result(job, r)
-        elif rtype == CANCEL:
+            apply_result(job, dict(r))  # a copy: apply_result pops fields and the record may be cached
+        elif end.rtype == CANCEL:
             job.attempts = rec.get("attempts", 0)
             apply_cancel(job, rec)
-        elif rtype == REQUEUE:
-            entry = next((e for e in rec["jobs"] if e[0] == job_id), None)
+        elif end.rtype == REQUEUE:
+            entry = end.find(job_id)
             if entry is None:
                 return None
             job.attempts, job.worker = entry[1], entry[3] if len(entry) > 3 else None
@@ -197,6 +195,17 @@ class Archive:
             return None
         return job
 
+    def _decoded(self, seq: int, cache: dict[int, _Decoded | None] | None) -> _Decoded | None:
+        if cache is not None and seq in cache:
+            return cache[seq]
+        raw = self.log.read_record(seq)
+        out = None if raw is None else _Decoded(raw[0], orjson.loads(raw[1]))
+        if cache is not None:
+            if len(cache) >= 4096:  # bounded: a listing walks records in order, old entries are done
+                cache.clear()
+            cache[seq] = out
+        return out
+
     def count(self) -> int:
         """How many finished jobs the archive holds."""
         n = sum(len(e) for e in self.open.values())
@@ -205,6 +214,7 @@ class Archive:
     def newest(self, budget: int) -> Iterator[Job]:
         """Finished jobs, most recently finished first: the recent ones, then up to ``budget`` rebuilt from disk."""
         seen = set()
+        cache: dict[int, _Decoded | None] = {}
         for job in reversed(self.recent.values()):
             seen.add(job.id)
             yield job
@@ -223,11 +233,44 @@ class Archive:
                     return
                 budget -= 1
                 try:
-                    job = self.rebuild(jid, s, e)
+                    job = self.rebuild(jid, s, e, cache)
                 except ArchiveDamaged:
                     continue  # logged; a listing shows what can be read
                 if job is not None:
                     yield job
+
+
+class _Decoded:
+    """One decoded log record and, built on first use, its entries by job id (SUBMIT: the job dicts;
+    FINISH: the result of the highest attempt; REQUEUE: the first entry)."""
+
+    __slots__ = ("rtype", "rec", "_by_id")
+
+    def __init__(self, rtype: int, rec: Any) -> None:
+        self.rtype, self.rec = rtype, rec
+        self._by_id: dict[Any, Any] | None = None
+
+    def find(self, job_id: str) -> Any:
+        by_id = self._by_id
+        if by_id is None:
+            by_id = self._by_id = {}
+            rec = self.rec
+            if self.rtype == SUBMIT:
+                for j in rec["jobs"]:
+                    by_id.setdefault(j["id"], j)
+            elif self.rtype == FINISH:
+                # Only the accepted report is logged; a log written before junk entries were filtered out
+                # may hold others (ids and attempts of any type): of those, the highest whole-number
+                # attempt is the best guess.
+                for r in rec["results"]:
+                    if isinstance(r, dict) and type(r.get("id")) is str and type(r.get("attempt")) is int:
+                        old = by_id.get(r["id"])
+                        if old is None or r["attempt"] > old["attempt"]:
+                            by_id[r["id"]] = r
+            elif self.rtype == REQUEUE:
+                for e in rec["jobs"]:
+                    by_id.setdefault(e[0], e)
+        return by_id.get(job_id)
 
 
 def submitted_as(job: Job) -> dict[str, Any]:

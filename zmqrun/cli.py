@@ -104,27 +104,39 @@ def main() -> None:
 @click.option("--recovery-lease", default=None, type=click.FloatRange(0, 3600),
               help="after a restart, seconds jobs that were running wait for their worker to report them "
                    "before they are queued again [default: heartbeat x liveness + 1]")
-@click.option("--max-message-bytes", default="256MiB", show_default=True, type=ByteSize(),
-              help="ZeroMQ MAXMSGSIZE: a peer that sends a larger frame is disconnected (at least 1KiB)")
+@click.option("--sndhwm", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
+              help="send high-water mark per peer in messages (0: none); a full peer's messages wait in the router")
+@click.option("--max-message-mb", default=P.MAX_MESSAGE_SIZE / 2**20, show_default=True,
+              type=click.FloatRange(0.001, 4096),
+              help="largest message accepted (MiB); a peer that sends a larger one is disconnected")
+@click.option("--curve-secret", default=None, metavar="FILE",
+              help="CURVE: the router's NAME.key_secret (with --clients-keys and --workers-keys)")
+@click.option("--clients-keys", default=None, metavar="DIR", help="CURVE: directory of the client public keys (*.key)")
+@click.option("--workers-keys", default=None, metavar="DIR", help="CURVE: directory of the worker public keys (*.key)")
 @click.option("--max-args-bytes", default="64MiB", show_default=True, type=ByteSize(),
               help="largest job args (as JSON) a submit may carry; a larger job is rejected")
+@click.option("--insecure", is_flag=True, default=False,
+              help="allow binding a non-loopback address without CURVE (anyone who reaches it can run jobs)")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
            segment_mb: float, retain_days: float | None, retain_bytes: int | None, recovery_lease: float | None,
-           max_message_bytes: int, max_args_bytes: int, log_level: str) -> None:
+           sndhwm: int, max_message_mb: float, curve_secret: str | None, clients_keys: str | None,
+           workers_keys: str | None, max_args_bytes: int, insecure: bool, log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
 
     from .joblog import DataDirError, LogCorruption
     from .router import run_router
+    from .security import router_curve
 
     _setup_logging(log_level)
     try:
         code = run_router(bind, data_dir, fsync, heartbeat=heartbeat, liveness=liveness, max_attempts=max_attempts,
                           segment_bytes=max(4096, int(segment_mb * 1024 * 1024)), retain_days=retain_days,
                           retain_bytes=retain_bytes,
-                          recovery_lease=recovery_lease, max_message_size=max_message_bytes,
-                          max_args_bytes=max_args_bytes)
+                          recovery_lease=recovery_lease, sndhwm=sndhwm,
+                          max_message_size=int(max_message_mb * 2**20), max_args_bytes=max_args_bytes,
+                          curve=router_curve(curve_secret, clients_keys, workers_keys), insecure=insecure)
     except (LogCorruption, DataDirError, OSError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
@@ -150,12 +162,19 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
 @click.option("--tag", "tags", multiple=True, metavar="TAG",
               help="take only jobs submitted with this tag (repeat for several); without --tag, only untagged jobs")
 @click.option("--untagged", is_flag=True, default=False, help="with --tag: take untagged jobs too")
+@click.option("--scripts", "roots", multiple=True, metavar="DIR|MODULE",
+              help="normal worker: run only scripts under this directory or module prefix (repeat for several) "
+                   "[default: the working directory]")
 @click.option("--max-result-bytes", default="64MiB", show_default=True, type=ByteSize(),
               help="largest job result (as JSON); a larger one ends the job failure with ResultTooLarge")
+@click.option("--curve-secret", envvar="ZMQRUN_CURVE_SECRET", default=None, metavar="FILE",
+              help="CURVE: this worker's NAME.key_secret (env ZMQRUN_CURVE_SECRET)")
+@click.option("--router-key", envvar="ZMQRUN_ROUTER_KEY", default=None, metavar="FILE",
+              help="CURVE: the router's public key file (env ZMQRUN_ROUTER_KEY)")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,
-           name: str | None, timeout: float | None, tags: tuple[str, ...], untagged: bool, max_result_bytes: int,
-           log_level: str) -> None:
+           name: str | None, timeout: float | None, tags: tuple[str, ...], untagged: bool, roots: tuple[str, ...],
+           max_result_bytes: int, curve_secret: str | None, router_key: str | None, log_level: str) -> None:
     """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job).
 
     A dedicated worker is two processes: a supervisor (this one: heartbeats, timeouts, cancels) and a
@@ -163,21 +182,25 @@ def worker(connect: str, script: str | None, concurrency: int, prefetch: int | N
     and a new one starts.
     """
     from .scripts import ScriptError
+    from .security import curve_keys
 
     _setup_logging(log_level)
     try:
+        curve = curve_keys(curve_secret, router_key)
         if script is not None:
             from .supervisor import run_supervised
 
+            if roots:
+                raise ValueError("--scripts is for normal workers: a dedicated worker runs only its own script")
             code = run_supervised(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                                   name=name, timeout=timeout, log_level=log_level, tags=tags,
-                                  untagged=untagged or not tags, max_result_bytes=max_result_bytes)
+                                  untagged=untagged or not tags, curve=curve, max_result_bytes=max_result_bytes)
         else:
             from .worker import run_worker
 
             code = run_worker(connect, None, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
-                              name=name, timeout=timeout, tags=tags, untagged=untagged or not tags,
-                              max_result_bytes=max_result_bytes)
+                              name=name, timeout=timeout, tags=tags, untagged=untagged or not tags, curve=curve,
+                              scripts=roots or None, max_result_bytes=max_result_bytes)
     except (ScriptError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
@@ -189,12 +212,31 @@ def worker(connect: str, script: str | None, concurrency: int, prefetch: int | N
 
 def _client(address: str | None, timeout: float) -> Any:
     from .client import Client
+    from .security import curve_keys
 
-    return Client(address, timeout=timeout)
+    meta = click.get_current_context().meta
+    curve = curve_keys(meta.get("zmqrun.curve_secret"), meta.get("zmqrun.router_key"))
+    return Client(address, timeout=timeout, curve=curve)
 
 
-address_option = click.option("--address", envvar="ZMQRUN_ADDRESS", default=P.DEFAULT_ADDRESS,
-                              show_default=True, help=ADDRESS_HELP)
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[f"zmqrun.{param.name}"] = value  # read by _client: the commands' signatures stay as they are
+    return value
+
+
+_address_option = click.option("--address", envvar="ZMQRUN_ADDRESS", default=P.DEFAULT_ADDRESS,
+                               show_default=True, help=ADDRESS_HELP)
+_curve_secret_option = click.option("--curve-secret", envvar="ZMQRUN_CURVE_SECRET", default=None, metavar="FILE",
+                                    expose_value=False, callback=_remember,
+                                    help="CURVE: your NAME.key_secret (env ZMQRUN_CURVE_SECRET)")
+_router_key_option = click.option("--router-key", envvar="ZMQRUN_ROUTER_KEY", default=None, metavar="FILE",
+                                  expose_value=False, callback=_remember,
+                                  help="CURVE: the router's public key file (env ZMQRUN_ROUTER_KEY)")
+
+
+def address_option(f: Any) -> Any:
+    """--address, and the CURVE options --curve-secret and --router-key, for every command that connects."""
+    return _address_option(_curve_secret_option(_router_key_option(f)))
 timeout_option = click.option("--timeout-s", "client_timeout", default=10.0, show_default=True,
                               type=click.FloatRange(0.1, 3600), help="seconds to wait for the router to answer")
 
@@ -401,6 +443,24 @@ def status(address: str, client_timeout: float, as_json: bool) -> None:
 
 
 # -- job log tools ------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """CURVE keys for the router, its clients and workers."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True,
+              help="where to write NAME.key and NAME.key_secret (created with mode 0700 if missing)")
+def keys_generate(name: str, directory: str) -> None:
+    """Write a CURVE keypair: NAME.key (public: give it to the router or its peers) and NAME.key_secret
+    (mode 0600: keep it).  Refuses to overwrite existing files."""
+    from .security import generate_keys
+
+    public, secret = generate_keys(name, directory)
+    click.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it private)")
 
 
 @main.group("log")

@@ -22,6 +22,7 @@ import zmq
 from . import protocol as P
 from .execute import encode_json
 from .model import MAX_RETRIES, JobRecord, new_job_id, parse_backoff, parse_time, valid_tag
+from .security import CurveKeys, secret_suffix
 
 
 _HEADERS = {cmd: P.header(P.CLIENT, cmd) for cmd in (P.C_SUBMIT, P.C_WAIT, P.C_GET, P.C_LIST, P.C_CANCEL,
@@ -131,14 +132,34 @@ def client_settings(address: str | None, timeout: Any) -> tuple[str, float]:
     return address, timeout
 
 
-def peer_identity() -> bytes:
-    """A new client routing id (host, pid and 4 random bytes; at most 200 bytes)."""
+def peer_identity(secure: bool = False) -> bytes:
+    """A new client routing id (host, pid and 4 random bytes; at most 200 bytes).  ``secure`` (with CURVE):
+    128 random bits instead, so that no other peer can claim it (see :mod:`zmqrun.security`)."""
+    if secure:
+        return f"c-{secret_suffix()}".encode()
     return f"c-{_socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}".encode()[:200]
 
 
-def unreachable(address: str, timeout: float) -> RouterUnavailable:
-    """The error for a router that no connection reached within ``timeout`` seconds."""
-    return RouterUnavailable(f"no zmqrun router reachable at {address} within {timeout:g} s")
+def setup_client_socket(sock: zmq.Socket, curve: CurveKeys | None) -> None:
+    """Apply the client DEALER options (and CURVE keys if ``curve``); closes ``sock`` and raises
+    SecurityError (a ValueError) if a key file cannot be read."""
+    P.configure_peer_socket(sock, peer_identity(curve is not None), linger_ms=500)
+    if curve is not None:
+        if not isinstance(curve, CurveKeys):
+            sock.close(0)
+            raise TypeError("curve must be zmqrun.CurveKeys(secret_file, router_key_file) or None")
+        try:
+            curve.apply(sock)
+        except Exception:
+            sock.close(0)
+            raise
+
+
+def unreachable(address: str, timeout: float, why: str | None = None) -> RouterUnavailable:
+    """The error for a router that no connection reached within ``timeout`` seconds (``why``: a failed
+    handshake, see :meth:`ConnectionWatch.failure`)."""
+    return RouterUnavailable(f"no zmqrun router reachable at {address} within {timeout:g} s"
+                             + (f": {why}" if why else ""))
 
 
 def no_answer(address: str, timeout: float) -> RouterUnavailable:
@@ -404,23 +425,44 @@ class ConnectionWatch:
 
     _ids = itertools.count(1)
 
+    _FAILED = {int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "the handshake with the router failed (is --router-key "
+               "the router's public key?)",
+               int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "the handshake with the router failed (does it use CURVE "
+               "and this client not, or the other way round? is --router-key the router's key?)",
+               int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "the router refused this client's CURVE key"}
+
     def __init__(self, sock: zmq.Socket) -> None:
         endpoint = f"inproc://zmqrun-monitor-{os.getpid()}-{next(self._ids)}-{os.urandom(4).hex()}"
-        sock.monitor(endpoint, zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED
+        for e in self._FAILED:
+            events |= e
+        sock.monitor(endpoint, events)
         self._sock = sock
         self._mon = sock.context.socket(zmq.PAIR)
         self._mon.setsockopt(zmq.LINGER, 0)
         self._mon.connect(endpoint)
         self.fd: int = self._mon.FD  # readable (edge-style, as any ZeroMQ socket's) when events may wait
         self.count = 0
+        self._failure: str | None = None  # the last failed handshake, until one succeeds
 
     def connections(self) -> int:
         """How many connections the socket completed so far (counting the events read now)."""
         mon = self._mon
         while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            mon.recv_multipart(zmq.NOBLOCK)
-            self.count += 1
+            frames = mon.recv_multipart(zmq.NOBLOCK)
+            why = self._FAILED.get(int.from_bytes(frames[0][:2], "little")) if frames and frames[0] else None
+            if why is None:
+                self.count += 1
+                self._failure = None
+            else:
+                self._failure = why
         return self.count
+
+    def failure(self) -> str | None:
+        """Why the last handshake with the router failed (e.g. an unknown CURVE key), if it did; None after a
+        success."""
+        self.connections()
+        return self._failure
 
     def close(self) -> None:
         """Stop monitoring (call before closing the socket)."""
@@ -436,7 +478,10 @@ class Client:
 
     ``address``: router endpoint (default ``$ZMQRUN_ADDRESS`` or
     tcp://127.0.0.1:5555).  ``timeout``: seconds to wait for the router to
-    answer any request before raising :class:`RouterUnavailable`.  Usable as a
+    answer any request before raising :class:`RouterUnavailable`.  ``curve``:
+    :class:`zmqrun.CurveKeys` (your secret key file, the router's public key
+    file) to connect to a router that uses CURVE; a refused key raises
+    RouterUnavailable naming the failed handshake.  Usable as a
     context manager; :meth:`close` releases the socket.
 
     Router restarts: a request whose answer was lost with a router that
@@ -445,13 +490,13 @@ class Client:
     new router again, so it completes once the router is back.
     """
 
-    def __init__(self, address: str | None = None, timeout: float = 10.0, *,
+    def __init__(self, address: str | None = None, timeout: float = 10.0, curve: CurveKeys | None = None, *,
                  max_args_bytes: int = P.MAX_ARGS_BYTES) -> None:
         self.address, self.timeout = client_settings(address, timeout)
         self.max_args_bytes = check_max_args_bytes(max_args_bytes)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        P.configure_peer_socket(self._sock, peer_identity(), linger_ms=500)
+        setup_client_socket(self._sock, curve)
         self._conn = ConnectionWatch(self._sock)
         self._seen_conns = 1  # connections counted by _reconnected (the first one is no reconnection)
         self._sock.connect(self.address)
@@ -496,7 +541,7 @@ class Client:
                 # IMMEDIATE=1: no connection to the router yet.
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
-                    raise unreachable(self.address, self.timeout) from None
+                    raise unreachable(self.address, self.timeout, self._conn.failure()) from None
 
     def _pump(self, timeout_s: float) -> bool:
         """Receive and file every message that arrives within ``timeout_s``; False if none did."""

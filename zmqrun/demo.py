@@ -88,7 +88,9 @@ def run_demo(warm_jobs: int = 500, cold_jobs: int = 100) -> int:
         procs.append(_spawn(["router", "--bind", address, "--data-dir", str(tmp / "data")], tmp / "router.log"))
         procs.append(_spawn(["worker", "--connect", address, "--dedicated", WARM_SCRIPT, "--name", "warm-1"],
                             tmp / "warm.log"))
-        procs.append(_spawn(["worker", "--connect", address, "--name", "cold-1"], tmp / "cold.log"))
+        # A normal worker runs only scripts under its --scripts roots: here the bundled examples.
+        procs.append(_spawn(["worker", "--connect", address, "--name", "cold-1", "--scripts", str(EXAMPLES.parent)],
+                            tmp / "cold.log"))
         with Client(address, timeout=10) as c:
             wait_for_workers(c, 2)
             warm = HdrHistogram(1, 60_000_000, 3)

@@ -49,10 +49,19 @@ from .model import (CANCELED, DEFAULT_BACKOFF, FINISHED, MAX_RETRIES, QUEUED, RU
 from .queue import (Job, JobQueue, WorkerSlot, apply_cancel, apply_lost, apply_result, attempt_open, job_from,
                     retry_delay)
 from .scripts import ScriptError, split_spec
+from .security import (RoleGuard, RouterCurve, check_bind, key_table, make_authenticator, recv_ready_auth,
+                       setup_router_socket)
 
 log = logging.getLogger("zmqrun.router")
 
 DEFAULT_MAX_ATTEMPTS = 3
+BACKLOG_RETRY = 0.005  # seconds between retries of messages held for peers at their HWM
+# A finished job whose args or result took more than this (bytes per job in its message) is not kept
+# in the archive's recent-jobs cache (S5): lookups read it back from the log instead.
+BIG_JOB_BYTES = 64 * 1024
+MAX_BACKLOG = 1_000_000  # messages held per peer at its HWM; beyond that the oldest are dropped (counted)
+LEASE_CANCEL_TTL = 3600.0  # seconds a stop for a canceled leased job waits for its worker to register again
+MAX_LEASE_CANCELS = 10_000  # such stops kept per worker name
 _MORE, _LAST = P.MORE_NOBLOCK, P.NOBLOCK
 MAX_DRAIN = 5000  # messages handled per wake-up before the loop services the log and timers
 FAILED_GRACE = 1.0  # seconds a router whose log failed answers requests with the error before it exits
@@ -183,6 +192,8 @@ class Router:
     ended) before a job fails with WorkerLost.  ``recovery_lease``: seconds a job
     that was running when the router stopped waits, after a restart, for its
     worker to register again and report it (default heartbeat x liveness + 1 s).
+    ``sndhwm``: the ROUTER socket's SNDHWM in messages per peer (0: none, the default; a peer whose
+    queue is full makes sends wait in the router's own per-peer backlog, never dropped).
     Raises :class:`zmqrun.joblog.LogCorruption` or
     :class:`zmqrun.joblog.LogLocked` on start if the log cannot be used.
     """
@@ -192,7 +203,8 @@ class Router:
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_message_size: int = P.MAX_MESSAGE_SIZE,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, retain_days: float | None = None,
                  retain_bytes: int | None = None, background_checkpoints: bool = True,
-                 recovery_lease: float | None = None, max_args_bytes: int = P.MAX_ARGS_BYTES) -> None:
+                 recovery_lease: float | None = None, sndhwm: int = 0, curve: RouterCurve | None = None,
+                 insecure: bool = False, max_args_bytes: int = P.MAX_ARGS_BYTES) -> None:
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60) or not 1 <= liveness <= 100:
             raise ValueError("heartbeat must be 0.01 to 60 seconds and liveness 1 to 100")
         self.bind = bind
@@ -210,7 +222,7 @@ class Router:
         self._rng = random.Random()  # retry jitter
         if type(max_message_size) is not int or max_message_size < 1024:
             raise ValueError(f"the maximum message size must be at least 1024 bytes, not {max_message_size!r} "
-                             f"(--max-message-bytes)")
+                             f"(--max-message-mb)")
         if type(max_args_bytes) is not int or max_args_bytes < 1:
             raise ValueError(f"the maximum args size must be a positive number of bytes, not {max_args_bytes!r} "
                              f"(--max-args-bytes)")
@@ -244,6 +256,15 @@ class Router:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._gated: collections.deque[tuple[int, bytes, list[bytes]]] = collections.deque()
+        if not 0 <= sndhwm <= 10_000_000:
+            raise ValueError("sndhwm must be 0 (no limit) to 10000000 messages")
+        self.sndhwm = sndhwm
+        # Messages to peers whose send queue was at its HWM (EAGAIN), in order; retried every iteration.
+        self._backlog: dict[bytes, collections.deque[list[bytes]]] = {}
+        self._big: set[str] = set()  # live jobs with large args or result: not cached once finished (S5)
+        # Stops for canceled jobs that were leased after a restart to a worker (by name) that has not
+        # registered again yet: sent when it does (name -> [(monotonic time, CANCEL body)]).
+        self._lease_cancels: dict[str, list[tuple[float, bytes]]] = {}
         self._supervised: dict[bytes, bytes] = {}  # supervisor routing id -> its worker's (see zmqrun.supervisor)
         self._running = False
         self._dirty = False
@@ -252,6 +273,10 @@ class Router:
         self.endpoint = bind
         self.stats = collections.Counter()
         self.late_results = 0  # reports accepted from a worker that registered again (see _results)
+        # CURVE (zmqrun.security): the ZAP handler, and the role check of every message's key.
+        self.curve, self.insecure = curve, insecure
+        self._auth: Any = None
+        self._guard: RoleGuard | None = None
 
     # -- recovery -----------------------------------------------------------------------
 
@@ -293,6 +318,8 @@ class Router:
             n += 1
             rec = orjson.loads(payload)
             if rtype == SUBMIT:
+                if len(payload) > BIG_JOB_BYTES * len(rec["jobs"]):
+                    self._big.update(d["id"] for d in rec["jobs"])
                 for d in rec["jobs"]:
                     live = jobs.get(d["id"])
                     if live is not None:
@@ -307,6 +334,9 @@ class Router:
                     if job is not None:
                         job.status, job.attempts, job.worker, job.started_at = RUNNING, attempt, rec["worker"], rec["at"]
             elif rtype == FINISH:
+                if len(payload) > BIG_JOB_BYTES * len(rec["results"]):
+                    self._big.update(r.get("id") for r in rec["results"]
+                                     if isinstance(r, dict) and type(r.get("id")) is str)
                 for r in rec["results"]:
                     # Logs written before junk entries were filtered out may hold any JSON here.
                     job = jobs.get(r.get("id")) if isinstance(r, dict) and type(r.get("id")) is str else None
@@ -366,6 +396,8 @@ class Router:
     def _archive_replayed(self, job: Job, seq: int) -> None:
         self.archive.add(job, seq, self.log.segment_of(seq))
         self.archive.trim()  # the replayed records are on disk: the full jobs need not stay in memory
+        if self._big:
+            self._forget_big([job])
 
     # -- checkpoints: segment index files, snapshots, retention --------------------------
 
@@ -506,8 +538,11 @@ class Router:
         Binding first means a busy port fails before anything touches the data
         dir, and peers that connect during recovery just wait in the socket.
         """
+        check_bind(self.bind, self.curve is not None, self.insecure)
         self.ctx = zmq.Context()
         s = self.ctx.socket(zmq.ROUTER)
+        if self.curve is not None:
+            self._start_curve(s)
         # ROUTER_MANDATORY: a send to an unknown or gone peer raises EHOSTUNREACH
         # instead of being dropped silently (S1), so a dispatch to a dead worker
         # is re-queued at once.
@@ -522,7 +557,8 @@ class Router:
         # HWM 0: credit bounds what we queue to workers; results to clients are
         # bounded by what those clients submitted.  A finite HWM would make
         # libzmq drop or block (EAGAIN) behind our back.
-        s.setsockopt(zmq.SNDHWM, 0)
+        # (A finite --sndhwm is honoured: a full peer queue parks messages in self._backlog, see _send.)
+        s.setsockopt(zmq.SNDHWM, self.sndhwm)
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.TCP_KEEPALIVE, 1)
         s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
@@ -530,11 +566,29 @@ class Router:
             s.bind(self.bind)
         except zmq.ZMQError:
             s.close(0)
+            if self._auth is not None:
+                self._auth.stop()
             raise
         self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = s
         self.log = JobLog(self.data_dir, self.policy, self.segment_bytes)
         self.recover()
+
+    def _start_curve(self, s: zmq.Socket) -> None:
+        """CURVE server on ``s`` with the ZAP handler started first (libzmq lets any key in while none
+        runs); raises SecurityError for unusable key files."""
+        assert self.curve is not None and self.ctx is not None
+        try:
+            table = key_table(self.curve)
+            setup_router_socket(s, self.curve)
+        except Exception:
+            s.close(0)
+            raise
+        self._auth = make_authenticator(self.ctx, table)
+        self._guard = RoleGuard()
+        roles = collections.Counter(uid.partition(":")[0] for uid in table.values())
+        log.info("CURVE on: %d client key(s), %d worker key(s), %d with both roles", roles["c"], roles["w"],
+                 roles["cw"])
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its current iteration and shut down (signal-safe)."""
@@ -570,6 +624,8 @@ class Router:
                 wait = min(wait, sync_at - mono)
             if self._dirty or self.archive.retired:
                 wait = 0
+            elif self._backlog:
+                wait = min(wait, BACKLOG_RETRY)  # a ROUTER cannot poll one peer for POLLOUT: retry soon
             try:
                 ready = poller.poll(max(0, int(wait * 1000) + (wait > 0)))
             except zmq.ZMQError as e:
@@ -603,6 +659,8 @@ class Router:
             return False
         if self._gated:
             self._flush_gated()
+        if self._backlog:
+            self._flush_backlog()
         self.archive.trim()
         if self.archive.retired:
             t0 = (time.perf_counter(), time.thread_time())
@@ -620,12 +678,30 @@ class Router:
         return True
 
     def _drain(self, sock: zmq.Socket) -> None:
+        if self._guard is not None:
+            return self._drain_authenticated(sock)
         msgs = P.recv_ready(sock, MAX_DRAIN)
         handle = self._handle
         for frames in msgs:
             handle(frames)
         if len(msgs) == MAX_DRAIN:
             self._dirty = True  # more may be waiting; the next poll returns at once
+
+    def _drain_authenticated(self, sock: zmq.Socket) -> None:
+        """:meth:`_drain` with CURVE: each message's key must have the role its command needs (see
+        :mod:`zmqrun.security`); a refused one gets an ERROR and changes nothing."""
+        msgs = recv_ready_auth(sock, MAX_DRAIN)
+        guard = self._guard
+        handle, permits = self._handle, guard.permits  # type: ignore[union-attr]
+        for frames, uid in msgs:
+            if len(frames) >= 2 and len(frames[1]) == 5 and not permits(uid, frames[1]):
+                why = guard.allowed(uid, frames[1][:4], frames[1][4])  # type: ignore[union-attr]
+                self.stats["role_refused"] += 1
+                self._error(frames[0], _request_id(frames[2]) if len(frames) > 2 else None, why or "role")
+                continue
+            handle(frames)
+        if len(msgs) == MAX_DRAIN:
+            self._dirty = True
 
     def _shutdown(self) -> None:
         log.info("router stopping: flushing the job log")
@@ -636,6 +712,8 @@ class Router:
             self._flush_gated()
         if self.sock is not None:
             self.sock.close(linger=200)
+        if self._auth is not None:
+            self._auth.stop()
         if self.ctx is not None:
             self.ctx.term()
 
@@ -678,7 +756,13 @@ class Router:
     # -- sending ------------------------------------------------------------------------
 
     def _send(self, ident: bytes, frames: list[bytes]) -> bool:
-        """Send now; False if the peer is gone (ROUTER_MANDATORY raised EHOSTUNREACH on the first frame)."""
+        """Send now; False if the peer is gone (ROUTER_MANDATORY raised EHOSTUNREACH on the first frame).
+
+        A peer whose queue is at the socket's SNDHWM (EAGAIN, S1) is not gone: the message waits in
+        the router's backlog for that peer, in order, and is sent again every loop iteration.
+        """
+        if self._backlog and ident in self._backlog:
+            return self._hold(ident, frames)  # behind what already waits for this peer
         send = self.sock.send  # type: ignore[union-attr]
         try:
             # Plain ints, not pyzmq's enum flags: enum arithmetic costs µs per frame here.
@@ -688,9 +772,51 @@ class Router:
             send(frames[-1], _LAST)
             return True
         except zmq.ZMQError as e:
-            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            if e.errno == zmq.EHOSTUNREACH:
                 return False
+            if e.errno == zmq.EAGAIN:
+                return self._hold(ident, frames)
             raise
+
+    def _hold(self, ident: bytes, frames: list[bytes]) -> bool:
+        """Keep a message for a peer at its HWM (see :meth:`_send`); True."""
+        q = self._backlog.get(ident)
+        if q is None:
+            q = self._backlog[ident] = collections.deque()
+        q.append(frames)
+        self.stats["sends_held_at_hwm"] += 1
+        if len(q) > MAX_BACKLOG:
+            q.popleft()
+            self.stats["held_sends_dropped"] += 1
+        return True
+
+    def _flush_backlog(self) -> None:
+        """Send what waits for peers that were at their HWM, in order, until one is full again.  A peer
+        found gone meanwhile loses its backlog; a registered worker among them is lost (jobs re-queued)."""
+        send = self.sock.send  # type: ignore[union-attr]
+        for ident, q in list(self._backlog.items()):
+            gone = False
+            while q:
+                frames = q[0]
+                try:
+                    send(ident, _MORE)
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.EAGAIN:
+                        break
+                    if e.errno != zmq.EHOSTUNREACH:
+                        raise
+                    gone = True
+                    break
+                for f in frames[:-1]:
+                    send(f, _MORE)
+                send(frames[-1], _LAST)
+                q.popleft()
+            if gone or not q:
+                del self._backlog[ident]
+            if gone:
+                w = self.queue.workers.get(ident)
+                if w is not None:
+                    self._unreachable(w)
 
     def _send_gated(self, seq: int, ident: bytes, frames: list[bytes]) -> None:
         """Send once log record ``seq`` is durable; keep FIFO order with earlier gated sends."""
@@ -745,8 +871,7 @@ class Router:
             raise BadRequest("request body must be a JSON object")
         req = msg.get("req")
         if cmd == P.C_SUBMIT:
-            # Only a body over the args limit can hold a job over it: the common submit pays nothing.
-            self._submit(ident, req, msg, len(body) > self.max_args_bytes)
+            self._submit(ident, req, msg, len(body))
         elif cmd == P.C_WAIT:
             ids = msg.get("ids")
             if type(ids) is not list or not all(type(i) is str for i in ids):
@@ -773,7 +898,7 @@ class Router:
             raise BadRequest("job id must be a string")
         return self.queue.jobs.get(jid) or self.archive.get(jid)
 
-    def _submit(self, ident: bytes, req: Any, msg: dict[str, Any], check_args: bool = False) -> None:
+    def _submit(self, ident: bytes, req: Any, msg: dict[str, Any], size: int = 0) -> None:
         raw_jobs = msg.get("jobs")
         if not isinstance(raw_jobs, list) or not raw_jobs:
             raise BadRequest("submit needs a non-empty list of jobs")
@@ -790,6 +915,7 @@ class Router:
         known: list[Job] = []
         queue = self.queue
         next_order, archived = queue.next_order, self.archive.contains
+        check_args = size > self.max_args_bytes  # only a body over the args limit can hold a job over it
         for raw in raw_jobs:
             try:
                 d = normalize_job(raw, now)
@@ -797,9 +923,9 @@ class Router:
                 rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": _clip(str(e))})
                 continue
             jid = d["id"]
-            if check_args and (size := len(orjson.dumps(d["args"]))) > self.max_args_bytes:
-                rejected.append({"id": jid, "error": f"job args are {size:,} bytes as JSON, over the router's limit "
-                                                    f"of {self.max_args_bytes:,} bytes (--max-args-bytes)"})
+            if check_args and (args_size := len(orjson.dumps(d["args"]))) > self.max_args_bytes:
+                rejected.append({"id": jid, "error": f"job args are {args_size:,} bytes as JSON, over the router's "
+                                                    f"limit of {self.max_args_bytes:,} bytes (--max-args-bytes)"})
                 continue
             existing = queue.jobs.get(jid) or batch.get(jid)
             if existing is None and archived(jid):
@@ -818,6 +944,8 @@ class Router:
             accepted.append(d["id"])
         seq = self.log.last_seq
         if fresh:
+            if size > BIG_JOB_BYTES * len(raw_jobs):
+                self._big.update(d["id"] for d in fresh)
             seq = self.log.append(SUBMIT, orjson.dumps({"at": now, "jobs": fresh}), eager=True)
             for job in new_jobs:
                 job.submit_seq = seq
@@ -899,9 +1027,12 @@ class Router:
         if job.attempt_errors:  # the terminal record keeps what the archive shows (see zmqrun.archive)
             rec["attempt_errors"] = job.attempt_errors
         holder = None
+        leased_to = None
         if job.status == RUNNING:
             holder = next((w for w in self.queue.workers.values() if w.in_flight.get(job.id) == job.attempts), None)
             rec["running_on"] = job.worker
+            if holder is None and job.id in self.queue.leases:
+                leased_to = job.worker  # after a restart: the worker that ran it may still be running it
         self._relog_submits([job])
         seq = self.log.append(CANCEL, orjson.dumps(rec), eager=True)
         apply_cancel(job, rec)
@@ -911,8 +1042,24 @@ class Router:
             stop = orjson.dumps({"id": job.id, "attempt": job.attempts, "reason": f"canceled by {by}: {reason}"})
             self._send(holder.supervisor or holder.identity, [P.H_R_CANCEL, stop])
             message = f"canceled; its worker {holder.name} is stopping it"
+        elif leased_to is not None:
+            message = self._cancel_leased(job, leased_to, f"canceled by {by}: {reason}")
         self._send_gated(seq, ident, [P.H_REPLY, orjson.dumps({"req": req, "canceled": True, "status": CANCELED,
                                                                "message": message})])
+
+    def _cancel_leased(self, job: Job, name: str, reason: str) -> str:
+        """A canceled job was leased after a restart to the worker named ``name``: tell that worker to stop
+        it now if it has registered again (it has not reported the job yet), else when it does (see
+        :meth:`_ready`).  Returns the message for the client."""
+        stop = orjson.dumps({"id": job.id, "attempt": job.attempts, "reason": reason})
+        for w in self.queue.workers.values():
+            if w.name == name:
+                self._send(w.supervisor or w.identity, [P.H_R_CANCEL, stop])
+                return f"canceled; its worker {name} is stopping it"
+        pending = self._lease_cancels.setdefault(name, [])
+        pending.append((time.monotonic(), stop))
+        del pending[:-MAX_LEASE_CANCELS]
+        return f"canceled; its worker {name} will be told to stop it when it registers again"
 
     def status(self) -> dict[str, Any]:
         """Workers (name, script, credit, in_flight) and job counts, for ``zmqrun status``."""
@@ -993,9 +1140,22 @@ class Router:
             slot.supervisor = sup.encode()
             self._supervised[slot.supervisor] = ident
         self.queue.add_worker(slot)
+        if self._lease_cancels:
+            self._send_lease_cancels(slot)
         log.info("worker %s ready: %s, credit %d%s", name, script or "any script (cold path)", credit,
                  f", tags {', '.join(sorted(tags))}{' and untagged jobs' if untagged else ''}" if tags else "")
         self._dirty = True
+
+    def _send_lease_cancels(self, w: WorkerSlot) -> None:
+        """A worker registered: send it the stops of canceled jobs leased to its name (see
+        :meth:`_cancel_leased`); forget stops older than :data:`LEASE_CANCEL_TTL`."""
+        stops = self._lease_cancels.pop(w.name, None)
+        oldest = time.monotonic() - LEASE_CANCEL_TTL
+        for name in [n for n, v in self._lease_cancels.items() if v[-1][0] < oldest]:
+            del self._lease_cancels[name]
+        for at, stop in stops or ():
+            if at >= oldest:
+                self._send(w.supervisor or w.identity, [P.H_R_CANCEL, stop])
 
     def _results(self, w: WorkerSlot, body: bytes) -> None:
         """A worker's RESULT batch: record each report that settles a job's current attempt, drop the rest.
@@ -1059,6 +1219,8 @@ class Router:
                         r["attempt_errors"] = job.attempt_errors
                 body = orjson.dumps({"worker": w.name, "results": [r for _job, r in done]})
             self._relog_submits([job for job, _r in done])
+            if len(body) > BIG_JOB_BYTES * len(results):
+                self._big.update(job.id for job, _r in done)
             # Replay applies the same acceptance rules to this record (see recover()).
             seq = self.log.append(FINISH, body)
             self._finish_batch([(job, apply_result(job, r)) for job, r in done], seq)
@@ -1125,6 +1287,17 @@ class Router:
                 job.watchers = None
         for c, (gate, outs) in by_client.items():
             self._send_gated(gate, c, [P.H_RESULT, orjson.dumps({"results": outs})])
+        if self._big:
+            self._forget_big([job for job, _out in done])
+
+    def _forget_big(self, jobs: list[Job]) -> None:
+        """Finished jobs with large args or results leave the archive's recent-jobs cache (a lookup reads
+        them back from the log), so the router does not keep their payloads (S5)."""
+        big, drop = self._big, self.archive.recent.pop
+        for job in jobs:
+            if job.id in big:
+                big.discard(job.id)
+                drop(job.id, None)
 
     def _supervisor_msg(self, ident: bytes, cmd: int, body: bytes) -> None:
         """A dedicated worker's supervisor (never registered itself; its worker's READY names it).
@@ -1231,12 +1404,15 @@ class Router:
                 if acked is not None:
                     msg["acked"] = acked
             if not self._send(w.identity, [P.H_JOBS, orjson.dumps(msg)]):
-                self._unreachable(w)
+                self._unreachable(w, unsent=frozenset(j.id for j in jobs))
 
     def _beat(self, mono: float) -> None:
         for ident, w in list(self.queue.workers.items()):
             if w.expires_at < mono:
                 self._lose_worker(ident, "worker missed heartbeats")
+                # If it is only frozen (SIGSTOP, a stalled VM) or cut off, it reads this before any job
+                # still buffered for it, and registers again instead of running them (S9).
+                self._send(ident, [P.H_R_DISCONNECT, b'{"reason":"no heartbeat within the liveness window"}'])
                 log.warning("worker %s expired (no heartbeat for %.1f s)", w.name, w.heartbeat * self.liveness)
                 continue
             frames = [P.H_R_HEARTBEAT]
@@ -1255,13 +1431,15 @@ class Router:
                     j.worker = None
                 self._put_back(back, "router restarted and no worker reported the job within its lease", now)
 
-    def _unreachable(self, w: WorkerSlot) -> None:
+    def _unreachable(self, w: WorkerSlot, unsent: frozenset[str] = frozenset()) -> None:
         """A send to ``w`` found its connection gone.  A supervised worker's process was just killed or
         died, and its supervisor reports that itself, with which jobs never started (jobs whose send
-        failed here are among them): it is lost now only if its supervisor is gone too."""
+        failed here are among them): it is lost now only if its supervisor is gone too.  ``unsent``:
+        jobs whose dispatch was that failed send; they never reached the worker, so they go back to the
+        queue without counting an attempt (S1: a worker chosen, then killed before the send)."""
         if w.supervisor is not None and self._send(w.supervisor, [P.H_R_HEARTBEAT]):
             return
-        self._lose_worker(w.identity, "worker unreachable")
+        self._lose_worker(w.identity, "worker unreachable", unstarted=unsent)
 
 
 def _request_id(body: bytes) -> Any:

@@ -53,6 +53,7 @@ import zmq
 
 from . import protocol as P
 from .board import JobBoard, SlotState
+from .security import CurveKeys, secret_suffix
 from .worker import check_max_result_bytes, check_worker_options
 
 log = logging.getLogger("zmqrun.supervisor")
@@ -84,7 +85,7 @@ class Supervisor:
     def __init__(self, connect: str, script: str, concurrency: int = 1, prefetch: int | None = None,
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
                  name: str | None = None, timeout: float | None = None, log_level: str = "info",
-                 tags: tuple[str, ...] = (), untagged: bool | None = None,
+                 tags: tuple[str, ...] = (), untagged: bool | None = None, curve: CurveKeys | None = None,
                  max_result_bytes: int = P.MAX_RESULT_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
         self.max_result_bytes = check_max_result_bytes(max_result_bytes)
@@ -99,6 +100,10 @@ class Supervisor:
         self.name = (name or f"w-{_socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")[:200]
         # Routing ids are 1-255 bytes: derive them from at most 200 bytes of the name (whole characters).
         self._id_base = self.name.encode()[:200].decode("utf-8", "ignore") or "w"
+        self.curve = curve
+        if curve is not None:
+            curve.load()  # SecurityError (a ValueError) now, not in the child
+            self._id_base += "~" + secret_suffix()  # unguessable routing ids (see zmqrun.security)
         self.identity = f"{self._id_base}/supervisor".encode()
         self.board = JobBoard.create(concurrency)
         self.child: subprocess.Popen[bytes] | None = None
@@ -152,6 +157,7 @@ class Supervisor:
                "name": self.name, "identity": self.child_identity, "supervisor": self.identity.decode(),
                "timeout": self.timeout, "board_fd": self.board.fd, "parent_pid": os.getpid(),
                "log_level": self.log_level, "tags": self.tags, "untagged": self.untagged,
+               "curve": self.curve.as_dict() if self.curve is not None else None,
                "max_result_bytes": self.max_result_bytes}
         self.child = subprocess.Popen([sys.executable, "-m", "zmqrun._warmchild", orjson.dumps(cfg).decode()],
                                       pass_fds=(self.board.fd,), stdin=subprocess.DEVNULL, start_new_session=True)
@@ -262,6 +268,8 @@ class Supervisor:
         self.ctx = zmq.Context()
         sock = self.ctx.socket(zmq.DEALER)
         P.configure_peer_socket(sock, self.identity, linger_ms=500)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(self.connect)
         self.sock = sock
 

@@ -7,6 +7,9 @@ prefetch), then receives JOBS batches and answers with RESULT batches; each
 result returns one credit.  Heartbeats flow both ways; a router silent for
 heartbeat x liveness seconds, or a DISCONNECT from it, makes the worker close
 its socket, back off (1 s doubling to 32 s, with jitter) and register again.
+So does a poll that returns more than the liveness window late (this process
+was frozen: SIGSTOP, a suspended VM): the router has dropped the session, so
+jobs buffered in its socket meanwhile are not run (two clock reads per poll).
 
 Result retention: every RESULT batch is numbered and kept until the router
 acknowledges it (``"acked": n`` in a JOBS or HEARTBEAT body, sent once the log
@@ -49,7 +52,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import orjson
 import zmq
@@ -58,7 +61,9 @@ from . import protocol as P
 from .board import JobBoard
 from .execute import error_report, install_capture, run_captured
 from .model import valid_tag
+from .allowlist import ERROR_TYPE, ScriptPolicy
 from .scripts import load_function
+from .security import CurveKeys, secret_suffix
 
 log = logging.getLogger("zmqrun.worker")
 
@@ -209,9 +214,12 @@ class Worker:
     ``board``, ``identity``, ``supervisor``: set by :mod:`zmqrun.supervisor` for
     its child (the shared job board, this child's routing id, the supervisor's).
     ``tags``: the job tags this worker takes (worker groups); ``untagged``: whether it
-    also takes untagged jobs (default: only when it has no tags).  ``max_result_bytes``: a
+    also takes untagged jobs (default: only when it has no tags).  ``curve``:
+    :class:`zmqrun.security.CurveKeys` to connect to a router that uses CURVE.
+    ``scripts``: a normal worker's roots (directories or module prefixes, see
+    :mod:`zmqrun.allowlist`; default: the working directory).  ``max_result_bytes``: a
     job whose result is larger as JSON ends ``failure`` with ``ResultTooLarge``.  Raises
-    ValueError for an invalid tag or limit.
+    ValueError for an invalid tag, root or limit.
     Raises :class:`zmqrun.scripts.ScriptError` from :meth:`start` if the script
     cannot be imported (before READY).
     """
@@ -221,6 +229,7 @@ class Worker:
                  liveness: int = P.HEARTBEAT_LIVENESS, name: str | None = None, timeout: float | None = None,
                  board: JobBoard | None = None, identity: str | None = None,
                  supervisor: str | None = None, tags: tuple[str, ...] = (), untagged: bool | None = None,
+                 curve: CurveKeys | None = None, scripts: Sequence[str] | None = None,
                  max_result_bytes: int = P.MAX_RESULT_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
         self.max_result_bytes = check_max_result_bytes(max_result_bytes)
@@ -236,6 +245,12 @@ class Worker:
         nonce = os.urandom(3).hex()
         self.name = name or f"w-{_socket.gethostname()}-{os.getpid()}-{nonce}"
         self.identity = (identity or self.name).encode()[:255]
+        self.curve = curve
+        if curve is not None and identity is None:  # unguessable routing id (see zmqrun.security)
+            self.identity = self.name.encode()[:200] + b"~" + secret_suffix().encode()
+        # Normal worker: the scripts it may run (zmqrun.allowlist); a dedicated worker runs only its own.
+        self.policy = ScriptPolicy(scripts) if script is None else None
+        self._watch: Any = None  # with CURVE: the connection watch while waiting for the router
         self.timeout = timeout
         self.board = board
         self.supervisor = supervisor
@@ -276,6 +291,8 @@ class Worker:
         for a script that cannot be imported, both before any READY.
         """
         P.check_endpoint(self.connect)
+        if self.curve is not None:
+            self.curve.load()  # SecurityError (a ValueError) now rather than at each connection
         if self.script is not None:
             self.func = load_function(self.script)
             install_capture()
@@ -304,8 +321,8 @@ class Worker:
                     break
                 if heard:
                     backoff = P.RECONNECT_INITIAL
-                if outcome == "disconnect":
-                    delay = 0.05  # the router asked us to re-register: it is alive
+                if outcome in ("disconnect", "dropped this frozen worker"):
+                    delay = 0.05  # the router asked us to re-register (or would have): it is alive
                 else:
                     delay = backoff * (0.5 + 0.5 * random.random())
                     backoff = min(backoff * 2, P.RECONNECT_MAX)
@@ -325,6 +342,11 @@ class Worker:
     def _open(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         P.configure_peer_socket(sock, self.identity, linger_ms=1000)
+        if self.curve is not None:
+            self.curve.apply(sock)
+            from .client import ConnectionWatch
+
+            self._watch = ConnectionWatch(sock)  # names a refused CURVE key in the warning below
         sock.connect(self.connect)
         return sock
 
@@ -343,7 +365,9 @@ class Worker:
 
     def _session(self) -> tuple[str, bool]:
         """One registration: returns (outcome, heard from the router); outcome is 'stopped',
-        'disconnect' (the router asked us to re-register) or 'went silent'."""
+        'disconnect' (the router asked us to re-register), 'went silent', or 'dropped this frozen
+        worker' (this process did not run for longer than the liveness window: the router has given
+        up on it)."""
         self.sock = sock = self._open()
         self._pending.clear()
         # Results the last router never acknowledged go out again right after READY.
@@ -355,11 +379,20 @@ class Worker:
                               "tags": self.tags, "untagged": self.untagged})
         # IMMEDIATE=1: READY waits until a connection to the router exists.
         started, next_warning = time.monotonic(), 5.0
+        refused = False
         while self._running and not sock.poll(100, zmq.POLLOUT):
             waited = time.monotonic() - started
+            if self._watch is not None and not refused and (why := self._watch.failure()):
+                refused = True
+                log.error("cannot connect to the router at %s: %s; still trying", self.connect, why)
             if waited >= next_warning:
-                log.warning("no router reachable at %s yet (%.0f s); still trying", self.connect, waited)
+                why = self._watch.failure() if self._watch is not None else None
+                log.warning("no router reachable at %s yet (%.0f s)%s; still trying", self.connect, waited,
+                            f": {why}" if why else "")
                 next_warning += 30.0
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if not self._running:
             sock.close(0)
             return "stopped", False
@@ -370,7 +403,8 @@ class Worker:
                 log.info("re-sending %d result(s) the router has not acknowledged", len(self._results))
                 self._flush()
             log.info("worker %s registered with %s: %s, credit %d", self.name, self.connect,
-                     self.script or "any script (cold path)", self.credit)
+                     self.script or f"scripts under {self.policy.describe()} (cold path)",  # type: ignore[union-attr]
+                     self.credit)
             return self._serve(sock)
         finally:
             self._sock_lock.release()
@@ -394,7 +428,13 @@ class Worker:
             if can_start or P.has_input(sock):
                 events = {}
             else:
+                polled = time.monotonic()
                 events = dict(poller.poll(int(wait * 1000) + 1))
+                if time.monotonic() - polled > wait + self.heartbeat * self.liveness:
+                    # This process was frozen (SIGSTOP, a suspended VM) or starved for longer than the
+                    # router waits for a heartbeat: it has given up on this session and re-queued our
+                    # jobs.  Jobs buffered in the socket meanwhile must not run: register again (S9).
+                    return "dropped this frozen worker", heard
             msgs = P.recv_ready(sock, 10_000)
             if msgs:
                 heard = True
@@ -552,12 +592,17 @@ class Worker:
         job that has a timeout would avoid that, but costs batching: measured
         3x lower map throughput on a worker with --timeout.
         """
-        func = self.func
+        func, script = self.func, self.script
         board, default_timeout = self.board, self.timeout
         cap = self.max_result_bytes + len(_SUCCESS)
         first_unflushed = 0.0
         while self._pending and self._running:  # stopping: unstarted jobs go back to the router
             job = self._pending.popleft()
+            if job["script"] != script:
+                self._results.append(self._not_allowed(job))
+                if len(self._results) == 1:
+                    first_unflushed = time.monotonic()
+                continue
             if board is not None:
                 if self._is_canceled(job):
                     continue
@@ -584,7 +629,10 @@ class Worker:
         board = self.board
         slot = -1
         try:
-            if self.func is not None:
+            why = self._why_not(job)
+            if why is not None:
+                data = _result_bytes(job, _error_frag(ERROR_TYPE, why), time.time(), time.time(), "")
+            elif self.func is not None:
                 if board is not None:
                     slot = getattr(self._slot_of, "slot", -1)
                     if slot < 0:
@@ -611,6 +659,18 @@ class Worker:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass
+
+    def _why_not(self, job: dict[str, Any]) -> str | None:
+        """None if this worker may run ``job``'s script; else why not (a ``ScriptNotAllowed`` failure)."""
+        if self.policy is not None:
+            return self.policy.why_not(job["script"])
+        if job["script"] != self.script:
+            return f"this dedicated worker runs only {self.script}, not {job['script']}"
+        return None
+
+    def _not_allowed(self, job: dict[str, Any]) -> bytes:
+        now = time.time()
+        return _result_bytes(job, _error_frag(ERROR_TYPE, self._why_not(job) or "not allowed"), now, now, "")
 
     def _heartbeat_during_jobs(self) -> None:
         """Send HEARTBEATs while the loop thread runs a long inline job (it holds no socket then)."""
