@@ -338,7 +338,7 @@ def test_fuzz_router_messages(tmp_path: Path) -> None:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_fuzz_router_messages_long(tmp_path: Path, seed: int) -> None:
-    """The same with 3x the examples from another fixed seed each (~33,000 messages, ~2-3 min each)."""
+    """The same with 3x the examples from another fixed seed each (~33,000 messages, ~1 min each)."""
     fuzz_router(tmp_path, 3 * EXAMPLES, seed=seed)
 
 
