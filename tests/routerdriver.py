@@ -38,8 +38,8 @@ class Driver:
     """A router on ``data_dir`` with one client and one dedicated worker, both simulated."""
 
     def __init__(self, data_dir: Path, segment_bytes: int = 4096, fs: RealFS | None = None,
-                 background: bool = False, credit: int = 8, **kw: Any) -> None:
-        self.router = Router("tcp://127.0.0.1:0", data_dir, FsyncPolicy("always"), segment_bytes=segment_bytes,
+                 background: bool = False, credit: int = 8, fsync: str = "always", **kw: Any) -> None:
+        self.router = Router("tcp://127.0.0.1:0", data_dir, FsyncPolicy(fsync), segment_bytes=segment_bytes,
                              background_checkpoints=background, **kw)
         self.router.log = JobLog(data_dir, self.router.policy, segment_bytes, fs=fs)
         self.router.recover()

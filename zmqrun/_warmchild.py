@@ -33,8 +33,8 @@ def main() -> int:
                board=JobBoard.attach(cfg["board_fd"], cfg["concurrency"]), identity=cfg["identity"],
                supervisor=cfg["supervisor"], tags=tuple(cfg.get("tags") or ()), untagged=cfg.get("untagged"),
                curve=CurveKeys(**cfg["curve"]) if cfg.get("curve") else None,
+               max_result_bytes=cfg["max_result_bytes"],
                **({"max_log_bytes": cfg["max_log_bytes"]} if "max_log_bytes" in cfg else {}))
-
     try:
         w.start()
     except (ScriptError, ValueError) as e:

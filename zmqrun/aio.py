@@ -24,8 +24,8 @@ import zmq
 
 from . import protocol as P
 from .client import (WAIT_SLICE, Call, CancelResult, ConnectionWatch, RequestRejected, ZmqrunError, cancel_request,
-                     check_map_options, client_settings, encode_request, evict_unclaimed, get_request, id_list,
-                     job_dict, list_request, logs_request, no_answer, noack_submit, outcome_value,
+                     check_map_options, check_max_args_bytes, client_settings, encode_request, evict_unclaimed,
+                     get_request, id_list, job_dict, list_request, logs_request, no_answer, noack_submit, outcome_value,
                      read_router_message, rejected_outcomes, reply_body, retry_job_dict, run_job_dict,
                      setup_client_socket, status_request, submit_request, unfollow_body, unreachable)
 from .livelogs import FollowState
@@ -110,8 +110,10 @@ class AsyncClient:
     ridden out as :class:`zmqrun.Client` does (requests sent again, waits asked again).
     """
 
-    def __init__(self, address: str | None = None, timeout: float = 10.0, curve: CurveKeys | None = None) -> None:
+    def __init__(self, address: str | None = None, timeout: float = 10.0, curve: CurveKeys | None = None, *,
+                 max_args_bytes: int = P.MAX_ARGS_BYTES) -> None:
         self.address, self.timeout = client_settings(address, timeout)
+        self.max_args_bytes = check_max_args_bytes(max_args_bytes)
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         setup_client_socket(self._sock, curve)
         self._conn = ConnectionWatch(self._sock)
@@ -471,7 +473,8 @@ class AsyncClient:
         not answer within the timeout.
         """
         return await self._submit_one(job_dict(script, args, priority, scheduled_for, delay, timeout, job_id,
-                                               retries=retries, backoff=backoff, tag=tag))
+                                               retries=retries, backoff=backoff, tag=tag,
+                                               max_args_bytes=self.max_args_bytes))
 
     async def _submit_one(self, d: dict[str, Any]) -> AsyncJob:
         jid = await self._call(submit_request(d))
@@ -484,7 +487,7 @@ class AsyncClient:
         Raises ``KeyError`` for an unknown id, ``ValueError`` if the job has not finished, and what
         :meth:`submit` raises.
         """
-        return await self._submit_one(retry_job_dict(await self.get(job_id)))
+        return await self._submit_one(retry_job_dict(await self.get(job_id), self.max_args_bytes))
 
     async def run(self, script: str, args: dict[str, Any] | None = None, *, wait_timeout: float | None = None,
                   **opts: Any) -> Any:
@@ -494,7 +497,7 @@ class AsyncClient:
         :meth:`AsyncJob.result` raise.  Sent with ``"ack": false``: the result,
         which comes only once the job is durable, acknowledges the submit too.
         """
-        d = run_job_dict(script, args, opts)
+        d = run_job_dict(script, args, opts, self.max_args_bytes)
         req = next(self._req)
         frames = encode_request(P.C_SUBMIT, noack_submit(req, [d]))
         self._noack[req] = [d["id"]]
@@ -523,7 +526,7 @@ class AsyncClient:
         """
         check_map_options(batch_size, window)
         all_jobs = [job_dict(script, a, priority, None, None, timeout, None, retries=retries, backoff=backoff,
-                             tag=tag) for a in iterable]
+                             tag=tag, max_args_bytes=self.max_args_bytes) for a in iterable]
         loop = self._started()
         ids = [d["id"] for d in all_jobs]
         n = len(ids)

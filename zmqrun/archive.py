@@ -259,11 +259,14 @@ class _Decoded:
                 for j in rec["jobs"]:
                     by_id.setdefault(j["id"], j)
             elif self.rtype == FINISH:
+                # Only the accepted report is logged; a log written before junk entries were filtered out
+                # may hold others (ids and attempts of any type): of those, the highest whole-number
+                # attempt is the best guess.
                 for r in rec["results"]:
-                    if isinstance(r, dict):
-                        old = by_id.get(r.get("id"))
-                        if old is None or (r.get("attempt") or 0) > (old.get("attempt") or 0):
-                            by_id[r.get("id")] = r
+                    if isinstance(r, dict) and type(r.get("id")) is str and type(r.get("attempt")) is int:
+                        old = by_id.get(r["id"])
+                        if old is None or r["attempt"] > old["attempt"]:
+                            by_id[r["id"]] = r
             elif self.rtype == REQUEUE:
                 for e in rec["jobs"]:
                     by_id.setdefault(e[0], e)

@@ -114,13 +114,15 @@ def main() -> None:
               help="CURVE: the router's NAME.key_secret (with --clients-keys and --workers-keys)")
 @click.option("--clients-keys", default=None, metavar="DIR", help="CURVE: directory of the client public keys (*.key)")
 @click.option("--workers-keys", default=None, metavar="DIR", help="CURVE: directory of the worker public keys (*.key)")
+@click.option("--max-args-bytes", default="64MiB", show_default=True, type=ByteSize(),
+              help="largest job args (as JSON) a submit may carry; a larger job is rejected")
 @click.option("--insecure", is_flag=True, default=False,
               help="allow binding a non-loopback address without CURVE (anyone who reaches it can run jobs)")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
            segment_mb: float, retain_days: float | None, retain_bytes: int | None, recovery_lease: float | None,
            sndhwm: int, max_message_mb: float, curve_secret: str | None, clients_keys: str | None,
-           workers_keys: str | None, insecure: bool, log_level: str) -> None:
+           workers_keys: str | None, max_args_bytes: int, insecure: bool, log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
 
@@ -134,7 +136,7 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
                           segment_bytes=max(4096, int(segment_mb * 1024 * 1024)), retain_days=retain_days,
                           retain_bytes=retain_bytes,
                           recovery_lease=recovery_lease, sndhwm=sndhwm,
-                          max_message_size=int(max_message_mb * 2**20),
+                          max_message_size=int(max_message_mb * 2**20), max_args_bytes=max_args_bytes,
                           curve=router_curve(curve_secret, clients_keys, workers_keys), insecure=insecure)
     except (LogCorruption, DataDirError, OSError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
@@ -164,6 +166,8 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
 @click.option("--scripts", "roots", multiple=True, metavar="DIR|MODULE",
               help="normal worker: run only scripts under this directory or module prefix (repeat for several) "
                    "[default: the working directory]")
+@click.option("--max-result-bytes", default="64MiB", show_default=True, type=ByteSize(),
+              help="largest job result (as JSON); a larger one ends the job failure with ResultTooLarge")
 @click.option("--curve-secret", envvar="ZMQRUN_CURVE_SECRET", default=None, metavar="FILE",
               help="CURVE: this worker's NAME.key_secret (env ZMQRUN_CURVE_SECRET)")
 @click.option("--router-key", envvar="ZMQRUN_ROUTER_KEY", default=None, metavar="FILE",
@@ -175,7 +179,8 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def worker(connect: str, script: str | None, concurrency: int, prefetch: int | None, heartbeat: float,
            name: str | None, timeout: float | None, tags: tuple[str, ...], untagged: bool, roots: tuple[str, ...],
-           curve_secret: str | None, router_key: str | None, max_log_bytes: int, log_level: str) -> None:
+           max_result_bytes: int, curve_secret: str | None, router_key: str | None, max_log_bytes: int,
+           log_level: str) -> None:
     """Run a worker: dedicated (--dedicated SCRIPT, warm) or normal (any script, a fresh process per job).
 
     A dedicated worker is two processes: a supervisor (this one: heartbeats, timeouts, cancels) and a
@@ -195,14 +200,14 @@ def worker(connect: str, script: str | None, concurrency: int, prefetch: int | N
                 raise ValueError("--scripts is for normal workers: a dedicated worker runs only its own script")
             code = run_supervised(connect, script, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                                   name=name, timeout=timeout, log_level=log_level, tags=tags,
-                                  untagged=untagged or not tags, curve=curve,
+                                  untagged=untagged or not tags, curve=curve, max_result_bytes=max_result_bytes,
                                   max_log_bytes=max_log_bytes)
         else:
             from .worker import run_worker
 
             code = run_worker(connect, None, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                               name=name, timeout=timeout, tags=tags, untagged=untagged or not tags, curve=curve,
-                              scripts=roots or None, max_log_bytes=max_log_bytes)
+                              scripts=roots or None, max_result_bytes=max_result_bytes, max_log_bytes=max_log_bytes)
     except (ScriptError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)

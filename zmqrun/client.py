@@ -203,28 +203,43 @@ def _finite_seconds(value: Any, name: str) -> float:
     return float(value)
 
 
-def _encode_args(args: Any) -> dict[str, Any]:
+def _encode_args(args: Any, max_args_bytes: int = P.MAX_ARGS_BYTES) -> dict[str, Any]:
     if args is None:
         return {}
     if not isinstance(args, dict):
         raise TypeError(f"job args must be a dict of keyword arguments, not {type(args).__name__}")
-    encode_json(args, "job args")  # raises TypeError (sets, objects, NaN, non-string keys) before any send
+    data = encode_json(args, "job args")  # raises TypeError (sets, objects, NaN, non-string keys) before any send
+    if len(data) > max_args_bytes:
+        raise ValueError(args_too_large(len(data), max_args_bytes))
     return args
+
+
+def args_too_large(size: int, limit: int) -> str:
+    """The one-line error for job args of ``size`` bytes (as JSON) over ``limit`` bytes."""
+    return (f"job args are {size:,} bytes as JSON, over the limit of {limit:,} bytes (max_args_bytes; the router's "
+            f"--max-args-bytes); pass large data by reference (a path or URL) instead")
+
+
+def check_max_args_bytes(value: Any) -> int:
+    """``value`` as the client's args limit in bytes; ValueError unless it is a positive integer."""
+    if type(value) is not int or value < 1:
+        raise ValueError(f"max_args_bytes must be a positive number of bytes, not {value!r}")
+    return value
 
 
 def job_dict(script: str, args: Any, priority: int, scheduled_for: Any, delay: Any, timeout: float | None,
              job_id: str | None, *, retries: int = 0, backoff: Any = None, tag: str | None = None,
-             retry_of: str | None = None) -> dict[str, Any]:
+             retry_of: str | None = None, max_args_bytes: int = P.MAX_ARGS_BYTES) -> dict[str, Any]:
     """One job as sent in a SUBMIT (a new id unless ``job_id``); the options of :meth:`Client.submit`.
 
-    Raises ValueError for a bad script, priority, time, retry count, backoff or tag, TypeError for
-    args orjson cannot encode.
+    Raises ValueError for a bad script, priority, time, retry count, backoff or tag, or args over
+    ``max_args_bytes`` bytes as JSON; TypeError for args orjson cannot encode.
     """
     if not isinstance(script, str) or not script:
         raise ValueError("script must be a non-empty string like package.module:function")
     if type(priority) is not int or not -(2**31) < priority < 2**31:
         raise ValueError(f"priority must be an integer from -2147483647 to 2147483647, not {priority!r}")
-    d: dict[str, Any] = {"id": new_job_id() if job_id is None else job_id, "script": script, "args": _encode_args(args),
+    d: dict[str, Any] = {"id": new_job_id() if job_id is None else job_id, "script": script, "args": _encode_args(args, max_args_bytes),
                          "priority": priority}
     # Checked here because orjson would send NaN and infinity as null, which reads as "not given".
     if scheduled_for is not None:
@@ -251,23 +266,24 @@ def job_dict(script: str, args: Any, priority: int, scheduled_for: Any, delay: A
     return d
 
 
-def retry_job_dict(record: JobRecord) -> dict[str, Any]:
+def retry_job_dict(record: JobRecord, max_args_bytes: int = P.MAX_ARGS_BYTES) -> dict[str, Any]:
     """A new job (new id) that re-runs the finished job ``record`` with its script, args and options
     (priority, timeout, tag, retries, backoff), due now.  Raises ValueError unless the job finished."""
     if record.status not in ("success", "failure", "canceled"):
         raise ValueError(f"job {record.id} is {record.status}: only a finished job can be retried")
     return job_dict(record.script, record.args, record.priority, None, None, record.timeout, None,
-                    retries=record.retries, backoff=record.backoff, tag=record.tag, retry_of=record.id)
+                    retries=record.retries, backoff=record.backoff, tag=record.tag, retry_of=record.id,
+                    max_args_bytes=max_args_bytes)
 
 
-def run_job_dict(script: str, args: Any, opts: dict[str, Any]) -> dict[str, Any]:
+def run_job_dict(script: str, args: Any, opts: dict[str, Any], max_args_bytes: int = P.MAX_ARGS_BYTES) -> dict[str, Any]:
     """The job of a ``run()`` call: :func:`job_dict` with ``opts`` (the submit options).
 
     Raises TypeError for an option submit does not take, else what :func:`job_dict` raises.
     """
     d = job_dict(script, args, opts.pop("priority", 0), opts.pop("scheduled_for", None), opts.pop("delay", None),
                  opts.pop("timeout", None), opts.pop("job_id", None), retries=opts.pop("retries", 0),
-                 backoff=opts.pop("backoff", None), tag=opts.pop("tag", None))
+                 backoff=opts.pop("backoff", None), tag=opts.pop("tag", None), max_args_bytes=max_args_bytes)
     if opts:
         raise TypeError(f"run() got unexpected options: {', '.join(opts)}")
     return d
@@ -500,8 +516,10 @@ class Client:
     new router again, so it completes once the router is back.
     """
 
-    def __init__(self, address: str | None = None, timeout: float = 10.0, curve: CurveKeys | None = None) -> None:
+    def __init__(self, address: str | None = None, timeout: float = 10.0, curve: CurveKeys | None = None, *,
+                 max_args_bytes: int = P.MAX_ARGS_BYTES) -> None:
         self.address, self.timeout = client_settings(address, timeout)
+        self.max_args_bytes = check_max_args_bytes(max_args_bytes)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         setup_client_socket(self._sock, curve)
@@ -667,7 +685,7 @@ class Client:
         refuses the job, :class:`RouterUnavailable` if it does not answer within the timeout.
         """
         d = job_dict(script, args, priority, scheduled_for, delay, timeout, job_id, retries=retries,
-                     backoff=backoff, tag=tag)
+                     backoff=backoff, tag=tag, max_args_bytes=self.max_args_bytes)
         return self._submit_one(d)
 
     def _submit_one(self, d: dict[str, Any]) -> Job:
@@ -682,7 +700,7 @@ class Client:
         Raises ``KeyError`` for an unknown id, ``ValueError`` if the job has not finished, and what
         :meth:`submit` raises.
         """
-        return self._submit_one(retry_job_dict(self.get(job_id)))
+        return self._submit_one(retry_job_dict(self.get(job_id), self.max_args_bytes))
 
     def run(self, script: str, args: dict[str, Any] | None = None, *, wait_timeout: float | None = None,
             **opts: Any) -> Any:
@@ -692,7 +710,7 @@ class Client:
         :meth:`Job.result` raise.  The router sends no separate ACK: the result
         comes only once the job is durable, so it acknowledges the submit too.
         """
-        d = run_job_dict(script, args, opts)
+        d = run_job_dict(script, args, opts, self.max_args_bytes)
         req = next(self._req)
         self._noack_jobs[d["id"]] = d
         self._pending_submits[req] = [d["id"]]
@@ -719,7 +737,7 @@ class Client:
         """
         check_map_options(batch_size, window)
         all_jobs = [job_dict(script, a, priority, None, None, timeout, None, retries=retries, backoff=backoff,
-                             tag=tag) for a in iterable]
+                             tag=tag, max_args_bytes=self.max_args_bytes) for a in iterable]
         ids = [d["id"] for d in all_jobs]
         remaining = set(ids)
         self._watching.update(ids)

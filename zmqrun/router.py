@@ -72,6 +72,18 @@ class BadRequest(ValueError):
     """A client request that is well-framed but invalid; its text goes back to the client."""
 
 
+LIST_REBUILD_BUDGET = 100_000  # older finished jobs a LIST may read back from the log (~10 µs each here)
+MAX_ERROR_CHARS = 500  # an error sent back is cut to this many characters (it may quote what was sent)
+
+
+def _clip(text: str) -> str:
+    """``text`` as one line of at most MAX_ERROR_CHARS (errors quote values a peer sent, which may be huge
+    or hold line breaks)."""
+    if "\n" in text or "\r" in text:
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+
+
 MAX_PRIORITY = 2**31 - 1
 MAX_DELAY = 10 * 365 * 86400.0  # seconds: ten years ahead is the latest a job may be scheduled
 MAX_TIMEOUT = 30 * 86400.0  # seconds
@@ -193,7 +205,7 @@ class Router:
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, retain_days: float | None = None,
                  retain_bytes: int | None = None, background_checkpoints: bool = True,
                  recovery_lease: float | None = None, sndhwm: int = 0, curve: RouterCurve | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, max_args_bytes: int = P.MAX_ARGS_BYTES) -> None:
         if not (math.isfinite(heartbeat) and 0.01 <= heartbeat <= 60) or not 1 <= liveness <= 100:
             raise ValueError("heartbeat must be 0.01 to 60 seconds and liveness 1 to 100")
         self.bind = bind
@@ -209,7 +221,14 @@ class Router:
         if not (math.isfinite(self.recovery_lease) and 0 <= self.recovery_lease <= 3600):
             raise ValueError("recovery_lease must be 0 to 3600 seconds")
         self._rng = random.Random()  # retry jitter
+        if type(max_message_size) is not int or max_message_size < 1024:
+            raise ValueError(f"the maximum message size must be at least 1024 bytes, not {max_message_size!r} "
+                             f"(--max-message-mb)")
+        if type(max_args_bytes) is not int or max_args_bytes < 1:
+            raise ValueError(f"the maximum args size must be a positive number of bytes, not {max_args_bytes!r} "
+                             f"(--max-args-bytes)")
         self.max_message_size = max_message_size
+        self.max_args_bytes = max_args_bytes  # a job's args as JSON; a larger one is rejected in the ACK
         if segment_bytes < 4096:
             raise ValueError("segment_bytes must be at least 4096")
         if retain_days is not None and not (math.isfinite(retain_days) and retain_days > 0):
@@ -320,9 +339,11 @@ class Router:
                         job.status, job.attempts, job.worker, job.started_at = RUNNING, attempt, rec["worker"], rec["at"]
             elif rtype == FINISH:
                 if len(payload) > BIG_JOB_BYTES * len(rec["results"]):
-                    self._big.update(r.get("id") for r in rec["results"] if isinstance(r, dict))
+                    self._big.update(r.get("id") for r in rec["results"]
+                                     if isinstance(r, dict) and type(r.get("id")) is str)
                 for r in rec["results"]:
-                    job = jobs.get(r.get("id")) if isinstance(r, dict) else None
+                    # Logs written before junk entries were filtered out may hold any JSON here.
+                    job = jobs.get(r.get("id")) if isinstance(r, dict) and type(r.get("id")) is str else None
                     # The live path's acceptance rule: the running attempt, or a late report of the
                     # attempt a job that was put back last ran (see Router._results).
                     if job is not None and ((job.status == RUNNING and r.get("attempt") == job.attempts)
@@ -844,7 +865,7 @@ class Router:
             self._error(ident, _request_id(body), str(e))
 
     def _error(self, ident: bytes, req: Any, text: str) -> None:
-        self._send(ident, [P.H_ERROR, orjson.dumps({"req": req, "error": text})])
+        self._send(ident, [P.H_ERROR, orjson.dumps({"req": req, "error": _clip(text)})])
 
     # client commands
 
@@ -900,13 +921,18 @@ class Router:
         known: list[Job] = []
         queue = self.queue
         next_order, archived = queue.next_order, self.archive.contains
+        check_args = size > self.max_args_bytes  # only a body over the args limit can hold a job over it
         for raw in raw_jobs:
             try:
                 d = normalize_job(raw, now)
             except BadRequest as e:
-                rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": str(e)})
+                rejected.append({"id": raw.get("id") if isinstance(raw, dict) else None, "error": _clip(str(e))})
                 continue
             jid = d["id"]
+            if check_args and (args_size := len(orjson.dumps(d["args"]))) > self.max_args_bytes:
+                rejected.append({"id": jid, "error": f"job args are {args_size:,} bytes as JSON, over the router's "
+                                                    f"limit of {self.max_args_bytes:,} bytes (--max-args-bytes)"})
+                continue
             existing = queue.jobs.get(jid) or batch.get(jid)
             if existing is None and archived(jid):
                 existing = self.archive.get(jid)
@@ -972,8 +998,9 @@ class Router:
         # matches, so a listing costs O(limit), not a sort of every job ever run, in the loop.
         live = sorted((j for j in self.queue.jobs.values() if wanted(j)), key=lambda j: j.created_at, reverse=True)
         done: list[Job] = []
-        # Beyond the recent jobs held in memory, older ones are rebuilt from the log: bounded per request.
-        for job in self.archive.newest(budget=max(1000, 4 * limit)):
+        # Beyond the recent jobs held in memory, older ones are rebuilt from the log: bounded per request,
+        # also for a huge limit (each rebuild reads the log; the loop serves nobody else meanwhile).
+        for job in self.archive.newest(budget=min(max(1000, 4 * limit), LIST_REBUILD_BUDGET)):
             if wanted(job):
                 done.append(job)
                 if len(done) >= limit:
@@ -993,7 +1020,7 @@ class Router:
         the job's process); it keeps the job's credit until the worker reports the job gone."""
         job = self._find(jid)
         if job is None:
-            self._reply(ident, req, {"canceled": False, "status": None, "message": f"no job {jid}"})
+            self._reply(ident, req, {"canceled": False, "status": None, "message": _clip(f"no job {jid}")})
             return
         if job.status in FINISHED:
             self._reply(ident, req, {"canceled": False, "status": job.status,
@@ -1192,13 +1219,16 @@ class Router:
         if retried:
             self._retry(retried, w.name)  # not terminal: no SUBMIT is logged again for these
         if done:
-            if msg.get("worker") != w.name or any(job.attempt_errors for job, _ in done):
-                # The body is logged as is unless it must name the registered worker, or a job that was
-                # retried ends here: its terminal record carries its earlier attempts' errors.
+            if len(done) != len(results) or msg.get("worker") != w.name or any(job.attempt_errors
+                                                                                for job, _ in done):
+                # The body is logged as is unless some of its reports were dropped (stale or junk: only
+                # the accepted ones are logged, as the archive rebuilds a job from the entries with its
+                # id) or retried, it must name the registered worker, or a job that was retried ends
+                # here: its terminal record carries its earlier attempts' errors.
                 for job, r in done:
                     if job.attempt_errors:
                         r["attempt_errors"] = job.attempt_errors
-                body = orjson.dumps({**msg, "worker": w.name})
+                body = orjson.dumps({"worker": w.name, "results": [r for _job, r in done]})
             self._relog_submits([job for job, _r in done])
             if len(body) > BIG_JOB_BYTES * len(results):
                 self._big.update(job.id for job, _r in done)
@@ -1405,7 +1435,8 @@ class Router:
         unstarted: list[str] = []
         if "started" in msg:
             order, started = list(w.in_flight), msg["started"]
-            if isinstance(started, list) and len(started) == 2 and w.in_flight.get(started[0]) == started[1]:
+            if isinstance(started, list) and len(started) == 2 and type(started[0]) is str \
+                    and started[1] is not None and w.in_flight.get(started[0]) == started[1]:
                 unstarted = order[order.index(started[0]) + 1:]
             elif started is None or msg.get("in_order") is True:
                 unstarted = order

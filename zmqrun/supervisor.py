@@ -55,7 +55,7 @@ from . import protocol as P
 from .board import JobBoard, SlotState
 from .security import CurveKeys, secret_suffix
 from .livelogs import DEFAULT_MAX_LOG_BYTES, check_max_log_bytes
-from .worker import check_worker_options
+from .worker import check_max_result_bytes, check_worker_options
 
 log = logging.getLogger("zmqrun.supervisor")
 
@@ -87,8 +87,9 @@ class Supervisor:
                  heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.HEARTBEAT_LIVENESS,
                  name: str | None = None, timeout: float | None = None, log_level: str = "info",
                  tags: tuple[str, ...] = (), untagged: bool | None = None, curve: CurveKeys | None = None,
-                 max_log_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
+                 max_result_bytes: int = P.MAX_RESULT_BYTES, max_log_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
+        self.max_result_bytes = check_max_result_bytes(max_result_bytes)
         self.max_log_bytes = check_max_log_bytes(max_log_bytes)
         self.connect = connect
         self.script = script
@@ -159,7 +160,7 @@ class Supervisor:
                "timeout": self.timeout, "board_fd": self.board.fd, "parent_pid": os.getpid(),
                "log_level": self.log_level, "tags": self.tags, "untagged": self.untagged,
                "curve": self.curve.as_dict() if self.curve is not None else None,
-               "max_log_bytes": self.max_log_bytes}
+               "max_result_bytes": self.max_result_bytes, "max_log_bytes": self.max_log_bytes}
         self.child = subprocess.Popen([sys.executable, "-m", "zmqrun._warmchild", orjson.dumps(cfg).decode()],
                                       pass_fds=(self.board.fd,), stdin=subprocess.DEVNULL, start_new_session=True)
         self._child_started = time.monotonic()

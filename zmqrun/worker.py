@@ -70,6 +70,7 @@ log = logging.getLogger("zmqrun.worker")
 
 RESULT_FLUSH_COUNT = 256  # results batched per RESULT message under load
 RESULT_FLUSH_SECONDS = 0.002  # ... or after this long, whichever comes first
+RESULT_MESSAGE_BYTES = 16 * 1024 * 1024  # results above this size together go out in several messages
 # Jobs buffered beyond running ones on a warm worker.  Deep, because per-message
 # costs dominate a fast job (measured: map throughput 45k jobs/s at 32, 80k at 256);
 # --prefetch 0 suits long jobs that should spread across workers.
@@ -90,6 +91,27 @@ def _error_frag(kind: str, message: str) -> bytes:
     return b'"status":"failure","error":' + orjson.dumps({"type": kind, "message": message, "traceback": ""})
 
 
+_SUCCESS = b'"status":"success","result":'
+
+
+def check_max_result_bytes(value: Any) -> int:
+    """``value`` as a worker's result limit in bytes; ValueError unless it is a positive integer."""
+    if type(value) is not int or value < 1:
+        raise ValueError(f"max_result_bytes must be a positive number of bytes, not {value!r}")
+    return value
+
+
+def result_too_large(frag: bytes, limit: int) -> bytes:
+    """``frag`` (an outcome fragment, see :func:`zmqrun.execute.run_job`) unchanged, unless it is a
+    success whose result is over ``limit`` bytes as JSON: then a ``ResultTooLarge`` failure that gives
+    the size and the limit.  The caller checks ``len(frag)`` first, so a small result costs one compare."""
+    size = len(frag) - len(_SUCCESS)
+    if size <= limit or not frag.startswith(_SUCCESS):
+        return frag
+    return _error_frag("ResultTooLarge", f"result is {size:,} bytes as JSON, over this worker's limit of "
+                                         f"{limit:,} bytes (--max-result-bytes)")
+
+
 def canceled_result(job: dict[str, Any], reason: str) -> bytes:
     """The encoded result of a job dropped before it started because the router canceled it.
 
@@ -102,13 +124,14 @@ def canceled_result(job: dict[str, Any], reason: str) -> bytes:
 def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None,
              timeout: float | None = None,
              on_start: Callable[[str, subprocess.Popen[bytes]], None] | None = None,
-             output: JobOutput | None = None) -> bytes:
+             output: JobOutput | None = None, max_result_bytes: int = P.MAX_RESULT_BYTES) -> bytes:
     """Run one job in a fresh Python process (the cold path); return its encoded result.
 
     ``timeout`` (seconds) applies when the job has none of its own.  ``on_start(job_id, proc)`` is
     called once the process exists (the worker keeps it to kill on a CANCEL).  ``output`` collects
     the process's stdout and stderr as they arrive (capped; the worker's live-log pump reads it);
-    default a new :class:`~zmqrun.livelogs.JobOutput` with the default cap.  Raises nothing
+    default a new :class:`~zmqrun.livelogs.JobOutput` with the default cap.  A result over
+    ``max_result_bytes`` bytes as JSON becomes a ``ResultTooLarge`` failure.  Raises nothing
     for job-level problems: a crash, a timeout (kills the whole process group) or an unreadable
     outcome become a failure result.
     """
@@ -151,7 +174,7 @@ def run_cold(job: dict[str, Any], python: str = sys.executable, env: dict[str, s
     if timed_out:
         frag = _error_frag("Timeout", f"job exceeded its timeout of {timeout:g} s and was killed")
     elif outcome:
-        frag = bytes(outcome)
+        frag = result_too_large(bytes(outcome), max_result_bytes)
     else:
         frag = b'"status":"failure","error":' + orjson.dumps(
             {"type": "ProcessDied", "message": f"job process exited with code {proc.returncode} before reporting",
@@ -239,10 +262,11 @@ class Worker:
     also takes untagged jobs (default: only when it has no tags).  ``curve``:
     :class:`zmqrun.security.CurveKeys` to connect to a router that uses CURVE.
     ``scripts``: a normal worker's roots (directories or module prefixes, see
-    :mod:`zmqrun.allowlist`; default: the working directory).  Raises
-    ValueError for an invalid tag or root.  ``max_log_bytes``:
+    :mod:`zmqrun.allowlist`; default: the working directory).  ``max_result_bytes``: a
+    job whose result is larger as JSON ends ``failure`` with ``ResultTooLarge``.  ``max_log_bytes``:
     bytes of output kept per job (the rest is dropped and counted in a marker at the
-    end of its logs; see :mod:`zmqrun.livelogs`); ValueError if out of range.
+    end of its logs; see :mod:`zmqrun.livelogs`).  Raises ValueError for an invalid tag,
+    root or limit.
     Raises :class:`zmqrun.scripts.ScriptError` from :meth:`start` if the script
     cannot be imported (before READY).
     """
@@ -253,8 +277,9 @@ class Worker:
                  board: JobBoard | None = None, identity: str | None = None,
                  supervisor: str | None = None, tags: tuple[str, ...] = (), untagged: bool | None = None,
                  curve: CurveKeys | None = None, scripts: Sequence[str] | None = None,
-                 max_log_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
+                 max_result_bytes: int = P.MAX_RESULT_BYTES, max_log_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
         self.tags, self.untagged = check_worker_options(concurrency, heartbeat, timeout, tags, untagged)
+        self.max_result_bytes = check_max_result_bytes(max_result_bytes)
         self.max_log_bytes = check_max_log_bytes(max_log_bytes)
         # Running jobs' output, read by the live-log pump: pool threads' jobs by id, and the inline job's in a
         # one-item list (a store per job instead of a dict insert and delete).
@@ -531,6 +556,9 @@ class Worker:
         return None
 
     def _flush(self) -> None:
+        if len(self._results) > 1 and sum(map(len, self._results)) > RESULT_MESSAGE_BYTES:
+            self._flush_split()
+            return
         if self._results:
             # The worker's name rides along so the router can log this body as is (the archive needs it).
             results, self._results = self._results, []
@@ -544,6 +572,20 @@ class Worker:
                 log.warning("over %d bytes of results not acknowledged by the router: dropped the oldest",
                             MAX_UNACKED_BYTES)
             self._send([P.H_W_RESULT, body])
+
+    def _flush_split(self) -> None:
+        """Send the buffered results as several RESULT messages of about RESULT_MESSAGE_BYTES each, so
+        that a few large results never add up to a message over the router's MAXMSGSIZE."""
+        pending, chunk, size = self._results, [], 0
+        for r in pending:
+            if chunk and size + len(r) > RESULT_MESSAGE_BYTES:
+                self._results = chunk
+                self._flush()
+                chunk, size = [], 0
+            chunk.append(r)
+            size += len(r)
+        self._results = chunk
+        self._flush()
 
     def _on_cancel(self, msg: Any) -> None:
         """CANCEL from the router: drop the job if it waits in the buffer; on the cold path, kill its process.
@@ -611,6 +653,7 @@ class Worker:
         board, default_timeout = self.board, self.timeout
         current = self._inline_output
         set_output_factory(self._inline_output_for)
+        cap = self.max_result_bytes + len(_SUCCESS)
         first_unflushed = 0.0
         try:
             while self._pending and self._running:  # stopping: unstarted jobs go back to the router
@@ -634,6 +677,8 @@ class Worker:
                     self._in_job = False
                     if board is not None:
                         board.end(0)
+                if len(frag) > cap:
+                    frag = result_too_large(frag, cap - len(_SUCCESS))
                 self._results.append(_result_bytes(job, frag, started, finished, logs))
                 now = time.monotonic()
                 if len(self._results) == 1:
@@ -668,11 +713,13 @@ class Worker:
                         slot = self._slot_of.slot = next(self._slots_taken)
                     board.begin(slot, job["id"], job["attempt"], job.get("timeout") or self.timeout)
                 frag, started, finished, logs = run_captured(self.func, job["args"], job)
+                frag = result_too_large(frag, self.max_result_bytes)
                 data = _result_bytes(job, frag, started, finished, logs)
             else:
                 try:
                     out = self._outputs[job["id"]] = JobOutput(job["id"], job["attempt"], self.max_log_bytes)
-                    data = run_cold(job, timeout=self.timeout, on_start=self._cold_started, output=out)
+                    data = run_cold(job, timeout=self.timeout, on_start=self._cold_started, output=out,
+                                    max_result_bytes=self.max_result_bytes)
                 finally:
                     self._procs.pop(job["id"], None)
                     self._cancel_ids.discard(job["id"])
