@@ -22,7 +22,7 @@ import zmq
 from conftest import FIBO, Cluster, wait_until
 from zmqrun import protocol as P
 
-MAX_MESSAGE = 2**20  # the router's --max-message-mb 1 here, so oversized frames are cheap to send
+MAX_MESSAGE = 2**20  # the router's --max-message-bytes 1MiB here, so oversized frames are cheap to send
 BUDGET_S = 12.0  # the hostile phases stop early if the machine is slow (each is also bounded by count)
 
 
@@ -89,7 +89,7 @@ def _junk_frames(rnd: random.Random) -> list[bytes]:
 
 def test_socket_fuzz_real_router(zr: Cluster) -> None:
     rnd = random.Random(20261129)
-    router = zr.start_router(extra=("--max-message-mb", "1"))
+    router = zr.start_router(extra=("--max-message-bytes", "1MiB"))
     zr.start_worker(FIBO, name="warm-fz")
     address = zr.address
     assert address is not None

@@ -103,8 +103,8 @@ def test_router_refuses_bad_limit_options(zr: Cluster) -> None:
                   address=False)
     assert proc.returncode == 2 and "--max-args-bytes" in proc.stderr
     proc = zr.cli("router", "--bind", unused_address(), "--data-dir", str(zr.tmp / "d"),
-                  "--max-message-mb", "0", address=False)
-    assert proc.returncode == 2 and "--max-message-mb" in proc.stderr
+                  "--max-message-bytes", "100", address=False)
+    assert proc.returncode == 2 and "--max-message-bytes" in proc.stderr
 
 
 def test_result_over_the_worker_limit_fails_with_result_too_large(zr: Cluster) -> None:
@@ -166,8 +166,8 @@ def test_large_result_batches_go_out_in_several_messages(monkeypatch: pytest.Mon
         w.ctx.term()
 
 
-def test_a_frame_over_max_message_mb_disconnects_its_sender(zr: Cluster) -> None:
-    zr.start_router(extra=("--max-message-mb", "0.1"))  # 104,857 bytes
+def test_a_frame_over_max_message_bytes_disconnects_its_sender(zr: Cluster) -> None:
+    zr.start_router(extra=("--max-message-bytes", "100KiB"))  # 102,400 bytes
     ctx = zmq.Context()
     try:
         d = ctx.socket(zmq.DEALER)

@@ -470,7 +470,7 @@ def test_s5_large_payloads_40_jobs_of_20_mb(zr: Cluster, tmp_path: Path) -> None
 
 def test_s5_oversize_submit_is_refused_by_the_client_and_a_raw_one_disconnected(
         zr: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """S5 B, scaled: a router with a 1 MiB message limit (--max-message-mb 1; the default is 256 MiB)
+    """S5 B, scaled: a router with a 1 MiB message limit (--max-message-bytes 1MiB; the default is 256 MiB)
     and a 2 MiB job.  The client refuses it before sending, with a typed error (ValueError), when its
     limit matches the router's (here patched to 1 MiB, as test_errors.py does for the default).  A
     bare DEALER that sends it anyway is disconnected by the router's MAXMSGSIZE; the router keeps
@@ -479,7 +479,7 @@ def test_s5_oversize_submit_is_refused_by_the_client_and_a_raw_one_disconnected(
     from zmq.utils.monitor import recv_monitor_message
 
     echo = f"{_jobs(tmp_path)}:echo"
-    zr.start_router(extra=("--max-message-mb", "1"))
+    zr.start_router(extra=("--max-message-bytes", "1MiB"))
     monkeypatch.setattr(P, "MAX_MESSAGE_SIZE", 2**20)
     blob = "b" * (2 * 2**20)
     c = zr.client(timeout=5)

@@ -107,9 +107,9 @@ def main() -> None:
                    "before they are queued again [default: heartbeat x liveness + 1]")
 @click.option("--sndhwm", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
               help="send high-water mark per peer in messages (0: none); a full peer's messages wait in the router")
-@click.option("--max-message-mb", default=P.MAX_MESSAGE_SIZE / 2**20, show_default=True,
-              type=click.FloatRange(0.001, 4096),
-              help="largest message accepted (MiB); a peer that sends a larger one is disconnected")
+@click.option("--max-message-bytes", default="256MiB", show_default=True, type=ByteSize(),
+              help="largest message accepted (ZeroMQ MAXMSGSIZE; at least 1KiB); a peer that sends a larger "
+                   "one is disconnected")
 @click.option("--curve-secret", default=None, metavar="FILE",
               help="CURVE: the router's NAME.key_secret (with --clients-keys and --workers-keys)")
 @click.option("--clients-keys", default=None, metavar="DIR", help="CURVE: directory of the client public keys (*.key)")
@@ -121,7 +121,7 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int, max_attempts: int,
            segment_mb: float, retain_days: float | None, retain_bytes: int | None, recovery_lease: float | None,
-           sndhwm: int, max_message_mb: float, curve_secret: str | None, clients_keys: str | None,
+           sndhwm: int, max_message_bytes: int, curve_secret: str | None, clients_keys: str | None,
            workers_keys: str | None, max_args_bytes: int, insecure: bool, log_level: str) -> None:
     """Run the router: the queue, dispatch and the job log."""
     import zmq
@@ -136,7 +136,7 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
                           segment_bytes=max(4096, int(segment_mb * 1024 * 1024)), retain_days=retain_days,
                           retain_bytes=retain_bytes,
                           recovery_lease=recovery_lease, sndhwm=sndhwm,
-                          max_message_size=int(max_message_mb * 2**20), max_args_bytes=max_args_bytes,
+                          max_message_size=max_message_bytes, max_args_bytes=max_args_bytes,
                           curve=router_curve(curve_secret, clients_keys, workers_keys), insecure=insecure)
     except (LogCorruption, DataDirError, OSError, ValueError) as e:
         click.echo(f"zmqrun: error: {e}", err=True)

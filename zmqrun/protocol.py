@@ -82,7 +82,7 @@ HEARTBEAT_LIVENESS: Final = 3  # missed intervals before a peer is declared dead
 RECONNECT_INITIAL: Final = 1.0  # seconds, doubled up to RECONNECT_MAX, plus jitter
 RECONNECT_MAX: Final = 32.0
 
-MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024  # bytes; router MAXMSGSIZE (zmqrun router --max-message-mb)
+MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024  # bytes; router MAXMSGSIZE (zmqrun router --max-message-bytes)
 MAX_ARGS_BYTES: Final = 64 * 1024 * 1024  # bytes of a job's args as JSON (router --max-args-bytes, Client max_args_bytes)
 MAX_RESULT_BYTES: Final = 64 * 1024 * 1024  # bytes of a job's result as JSON (worker --max-result-bytes)
 DEFAULT_ADDRESS: Final = "tcp://127.0.0.1:5555"

@@ -223,7 +223,7 @@ class Router:
         self._rng = random.Random()  # retry jitter
         if type(max_message_size) is not int or max_message_size < 1024:
             raise ValueError(f"the maximum message size must be at least 1024 bytes, not {max_message_size!r} "
-                             f"(--max-message-mb)")
+                             f"(--max-message-bytes)")
         if type(max_args_bytes) is not int or max_args_bytes < 1:
             raise ValueError(f"the maximum args size must be a positive number of bytes, not {max_args_bytes!r} "
                              f"(--max-args-bytes)")
