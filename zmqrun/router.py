@@ -1449,9 +1449,11 @@ class Router:
         self._lose_worker(child, reason if isinstance(reason, str) and reason else "worker process ended",
                           unstarted=frozenset(unstarted))
 
-    def _lose_worker(self, ident: bytes, reason: str, unstarted: frozenset[str] = frozenset()) -> None:
+    def _lose_worker(self, ident: bytes, reason: str, unstarted: frozenset[str] = frozenset(),
+                     why_unstarted: str = "never started") -> None:
         """Drop a worker; its running jobs go back to the queue with their attempt counted, except
-        ``unstarted`` ones (known never to have started), or fail WorkerLost after max_attempts."""
+        ``unstarted`` ones (known never to have started, or never confirmed to have reached it: see
+        :meth:`_beat`), or fail WorkerLost after max_attempts."""
         w = self.queue.workers.get(ident)
         if w is None:
             return
@@ -1464,7 +1466,7 @@ class Router:
             if fresh:
                 back = [j for j in back if j.id not in unstarted]
                 self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True, "jobs": [
-                    [j.id, j.attempts, f"{reason} ({w.name}); never started"] for j in fresh]}))
+                    [j.id, j.attempts, f"{reason} ({w.name}); {why_unstarted}"] for j in fresh]}))
                 for j in fresh:
                     j.attempts -= 1
                 self._dirty = True
@@ -1517,7 +1519,15 @@ class Router:
     def _beat(self, mono: float) -> None:
         for ident, w in list(self.queue.workers.items()):
             if w.expires_at < mono:
-                self._lose_worker(ident, "worker missed heartbeats")
+                # Jobs dispatched after the worker last spoke may never have reached it (a network black
+                # hole, S9): they go back uncounted.  A worker that died is usually found by a failed send
+                # (a closed connection) first, and that path counts its jobs' attempts.
+                heard_wall = time.time() - (time.monotonic() - (w.expires_at - w.heartbeat * self.liveness))
+                jobs = self.queue.jobs
+                unheard = frozenset(jid for jid in w.in_flight
+                                    if (j := jobs.get(jid)) is not None and (j.started_at or 0.0) > heard_wall)
+                self._lose_worker(ident, "worker missed heartbeats", unstarted=unheard,
+                                  why_unstarted="dispatched after the worker last spoke; not counted")
                 # If it is only frozen (SIGSTOP, a stalled VM) or cut off, it reads this before any job
                 # still buffered for it, and registers again instead of running them (S9).
                 self._send(ident, [P.H_R_DISCONNECT, b'{"reason":"no heartbeat within the liveness window"}'])
