@@ -105,7 +105,11 @@ class Proc:
         return self.popen.poll() is None
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """What the process wrote so far ("" if its log file is gone: a report must not fail the run)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def family(self) -> set[int]:
         """This process's PID and those of its live descendants (a dedicated worker runs its jobs in a

@@ -3,6 +3,7 @@ corruption, workers killed or stopped mid-job."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -339,3 +340,30 @@ def test_duplicate_id_in_one_submit_batch_is_one_job_before_and_after_restart(zr
     zr.start_router(address=zr.address)
     after = zr.client().get("dup-1")
     assert after.args == before.args
+
+
+def _cpu_seconds(pids: set[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def test_idle_dedicated_worker_stays_idle_while_the_router_is_down(zr: Cluster) -> None:
+    """Regression (found by a new user): the supervisor re-sent its heartbeat at every 1 ms wake-up once
+    a send failed, so an idle dedicated worker took ~65% of a core while the router was down.  Over
+    3 s of outage its processes now use a small fraction of that (generous bound: 0.9 s of CPU)."""
+    zr.start_router()
+    w = zr.start_worker(FIBO, name="idle-warm")
+    zr.router_proc.stop()
+    time.sleep(0.5)
+    pids = w.family()
+    assert len(pids) == 2, pids  # supervisor and warm child
+    before = _cpu_seconds(pids)
+    time.sleep(3.0)
+    used = _cpu_seconds(pids) - before
+    assert w.alive() and used < 0.9, f"{used:.2f} s of CPU in 3 s with the router down"

@@ -278,9 +278,11 @@ class Supervisor:
     def _send(self, frames: list[bytes]) -> None:
         if self.sock is None:
             return
+        # Counted when tried: a send that fails (the router is down) waits a whole interval too, instead
+        # of being retried at every wake-up (that busy loop took most of a core during an outage).
+        self._last_beat = time.monotonic()
         try:
             P.send_frames(self.sock, frames)
-            self._last_beat = time.monotonic()
         except zmq.ZMQError:
             pass  # no connection (IMMEDIATE): the router re-queues by heartbeat expiry instead
 
