@@ -770,3 +770,28 @@ def test_s9_jobs_sent_after_a_worker_went_silent_are_requeued_uncounted(tmp_path
     again = _restarted_router(tmp_path / "data")
     assert again.queue.jobs[jid].status == "queued" and again.queue.jobs[jid].attempts == expected
     again.log.close()
+
+
+def test_s5_large_finished_job_keeps_its_place_in_listings_and_reads_back_whole(tmp_path: Path) -> None:
+    """A finished job over the large-job threshold is kept in the recent-jobs cache as its two sequence
+    numbers only (not its payload), in its place: a listing still shows it where it finished (a new
+    user's `jobs list` left it out before) and `get` reads it back whole.  In-process."""
+    from routerdriver import CLIENT, Driver
+
+    d = Driver(tmp_path / "data", credit=8)
+    pad = "x" * 100_000
+    ids = d.submit(1) + d.submit(1, args={"i": 5, "pad": pad}) + d.submit(1)
+    for _ in range(3):
+        d.tick()
+        d.work()
+        d.tick()
+    assert set(d.finished) == set(ids)
+    r = d.router
+    assert type(r.archive.recent[ids[1]]) is tuple  # no payload held
+    big = r.archive.get(ids[1])
+    assert big is not None and big.args == {"i": 5, "pad": pad} and big.result == 10
+    r._handle([CLIENT, P.header(P.CLIENT, P.C_LIST), orjson.dumps({"req": 99, "limit": 3})])
+    [reply] = [orjson.loads(f[1]) for ident, f in r.sock.sent if ident == CLIENT and f[0] == P.H_REPLY
+               and orjson.loads(f[1]).get("req") == 99]
+    assert [j["id"] for j in reply["jobs"]] == ids[::-1]
+    d.close()

@@ -4,7 +4,8 @@ What stays in memory:
 
 - ``recent``: the last :data:`RECENT_JOBS` finished jobs as full :class:`Job`
   objects (results and logs), so ``wait``/``get`` right after a job finishes
-  costs no disk read;
+  costs no disk read; a large job (see :meth:`Archive.slim`) keeps its place
+  there as its two sequence numbers only;
 - per segment without an index file (the active one, and a sealed one until its
   index is written): ``{job id: (submit_seq, end_seq)}``;
 - per sealed segment: its :class:`~zmqrun.segindex.SegmentIndex`, searched
@@ -43,7 +44,8 @@ class Archive:
 
     def __init__(self, jlog: JobLog, recent_max: int = RECENT_JOBS) -> None:
         self.log = jlog
-        self.recent: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        # job id -> Job, or (submit_seq, end_seq) for a large job slimmed down (read back when asked for)
+        self.recent: collections.OrderedDict[str, Job | tuple[int, int]] = collections.OrderedDict()
         self.recent_max = recent_max
         self.open: dict[int, dict[str, tuple[int, int]]] = {}  # segment first_seq -> entries (no index yet)
         self._open_min: dict[int, int] = {}  # segment first_seq -> smallest submit_seq among its entries
@@ -88,6 +90,15 @@ class Archive:
         while len(recent) > self.recent_max:
             recent.popitem(last=False)
 
+    def slim(self, jobs: list[Job], end_seq: int) -> None:
+        """Keep only the sequence numbers of these finished jobs (terminal record ``end_seq``) in the recent
+        cache, in their place: large jobs whose args or result the router should not hold (S5), which
+        a lookup or a listing reads back from the log."""
+        recent = self.recent
+        for job in jobs:
+            if job.id in recent:
+                recent[job.id] = (job.submit_seq, end_seq)
+
     def entries_of(self, seg: Segment) -> dict[str, tuple[int, int]]:
         """The (submit_seq, end_seq) entries of jobs that finished in ``seg`` and have no index file yet."""
         return self.open.get(seg.first_seq, {})
@@ -115,7 +126,8 @@ class Archive:
     def expire_through(self, seq: int) -> None:
         """Records up to ``seq`` were removed by retention: forget recent jobs submitted in them (they now
         read as unknown, like every other job whose records are gone)."""
-        for jid in [jid for jid, job in self.recent.items() if job.submit_seq <= seq]:
+        for jid in [jid for jid, job in self.recent.items()
+                    if (job[0] if type(job) is tuple else job.submit_seq) <= seq]:  # type: ignore[union-attr]
             del self.recent[jid]
 
     def open_min_submit(self) -> list[int]:
@@ -144,8 +156,10 @@ class Archive:
     def get(self, job_id: str) -> Job | None:
         """The finished job, rebuilt from the log if it is not among the recent ones; None if unknown or expired."""
         job = self.recent.get(job_id)
+        if type(job) is tuple:
+            return self.rebuild(job_id, *job)
         if job is not None:
-            return job
+            return job  # type: ignore[return-value]
         loc = self.locate(job_id)
         return self.rebuild(job_id, *loc) if loc is not None else None
 
@@ -215,9 +229,17 @@ class Archive:
         """Finished jobs, most recently finished first: the recent ones, then up to ``budget`` rebuilt from disk."""
         seen = set()
         cache: dict[int, _Decoded | None] = {}
-        for job in reversed(self.recent.values()):
-            seen.add(job.id)
-            yield job
+        for jid, job in reversed(self.recent.items()):
+            seen.add(jid)
+            if type(job) is tuple:  # a large job: read back (it counts against the budget)
+                budget -= 1
+                try:
+                    job = self.rebuild(jid, *job, cache)
+                except ArchiveDamaged:
+                    continue
+                if job is None:
+                    continue
+            yield job  # type: ignore[misc]
         for seg in reversed(self.log.segments):
             if budget <= 0:
                 return

@@ -401,7 +401,7 @@ class Router:
         self.archive.add(job, seq, self.log.segment_of(seq))
         self.archive.trim()  # the replayed records are on disk: the full jobs need not stay in memory
         if self._big:
-            self._forget_big([job])
+            self._forget_big([job], seq)
 
     # -- checkpoints: segment index files, snapshots, retention --------------------------
 
@@ -1299,18 +1299,19 @@ class Router:
         for c, (gate, outs) in by_client.items():
             self._send_gated(gate, c, [P.H_RESULT, orjson.dumps({"results": outs})])
         if self._big:
-            self._forget_big([job for job, _out in done])
+            self._forget_big([job for job, _out in done], end_seq)
         if self._live or self._followers:
             self._end_follows(done)
 
-    def _forget_big(self, jobs: list[Job]) -> None:
-        """Finished jobs with large args or results leave the archive's recent-jobs cache (a lookup reads
-        them back from the log), so the router does not keep their payloads (S5)."""
-        big, drop = self._big, self.archive.recent.pop
-        for job in jobs:
-            if job.id in big:
-                big.discard(job.id)
-                drop(job.id, None)
+    def _forget_big(self, jobs: list[Job], end_seq: int) -> None:
+        """Finished jobs with large args or results keep only their place in the archive's recent-jobs
+        cache (a lookup or listing reads them back from the log), so the router does not hold their
+        payloads (S5).  ``end_seq``: their terminal record."""
+        big = self._big
+        slim = [job for job in jobs if job.id in big]
+        if slim:
+            big.difference_update(job.id for job in slim)
+            self.archive.slim(slim, end_seq)
 
     # -- live logs (zmqrun.livelogs) ------------------------------------------------------
 
