@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -171,7 +172,10 @@ def test_iso_and_parse_time() -> None:
     ts = 1_700_000_000.123456
     text = iso(ts)
     assert text.endswith("Z") and parse_time(text) == pytest.approx(ts, abs=1e-6)
-    assert parse_time(dt.datetime(2024, 1, 1)) == dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+    # A naive datetime is local time (Python's convention): now + 30 s is 30 s ahead in any time zone.
+    soon = dt.datetime.now() + dt.timedelta(seconds=30)
+    assert parse_time(soon) == pytest.approx(time.time() + 30, abs=2)
+    assert parse_time("2024-01-01T00:00:00") == dt.datetime(2024, 1, 1).timestamp()
     assert parse_time("2024-01-01T01:00:00+01:00") == parse_time("2024-01-01T00:00:00Z")
     for bad in (True, "yesterday", [1], None):
         with pytest.raises(ValueError):

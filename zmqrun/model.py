@@ -134,18 +134,18 @@ def iso(ts: float | None) -> str | None:
 
 
 def parse_time(value: object) -> float:
-    """Accept epoch seconds, an aware/naive (taken as UTC) datetime, or an ISO-8601 string; return epoch seconds.
+    """Accept epoch seconds, a datetime, or an ISO-8601 string; return epoch seconds.
 
-    Raises ValueError for anything else.
+    A naive datetime (or a string without an offset) is local time, as Python's own
+    ``datetime.timestamp()`` reads it, so ``datetime.now() + timedelta(seconds=30)`` is 30 s
+    from now in any time zone.  Raises ValueError for anything else.
     """
     if isinstance(value, bool):
         raise ValueError(f"not a time: {value!r}")
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, _dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=_dt.timezone.utc)
-        return value.timestamp()
+        return value.timestamp()  # naive: local time
     if isinstance(value, str):
         text = value.strip()
         if text.endswith("Z"):
