@@ -157,3 +157,13 @@ def test_byte_size_option_accepts_plain_binary_and_decimal_units_and_refuses_jun
     for bad in ("12X", "", "MiB", "-5", "0", "1e400"):
         with pytest.raises(click.BadParameter):
             size.convert(bad, None, None)
+
+
+def test_submit_wait_on_a_script_that_cannot_be_imported_prints_one_line(router: Cluster) -> None:
+    """zmqrun's own error types (here ScriptError from a cold worker) print one line, not importlib's
+    traceback; `jobs show` keeps the traceback."""
+    router.start_worker(None, name="cold-one-line")
+    proc = router.cli("submit", "zmqrun.examples.nosuchmodule:main", "--wait")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zmqrun: job failed: ScriptError:"), proc.stderr

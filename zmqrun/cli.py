@@ -48,6 +48,10 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+_ONE_LINE_ERRORS = frozenset({"ScriptError", "ScriptNotAllowed", "Timeout", "WorkerLost", "Canceled",
+                              "ResultTooLarge", "ProcessDied"})
+
+
 class ZmqrunGroup(click.Group):
     """Turns any expected failure into one ``zmqrun: error: ...`` line and exit code 1."""
 
@@ -63,7 +67,9 @@ class ZmqrunGroup(click.Group):
             sys.exit(0)
         except JobFailed as e:
             click.echo(f"zmqrun: job failed: {e.type}: {e.message}", err=True)
-            if e.traceback:
+            # zmqrun's own error types say it all in one line (their traceback is zmqrun's or importlib's
+            # internals; `zmqrun jobs show ID` still has it); the job's own exceptions get theirs.
+            if e.traceback and e.type not in _ONE_LINE_ERRORS:
                 click.echo(e.traceback.rstrip(), err=True)
             sys.exit(1)
         except (ZmqrunError, ConnectionError, TimeoutError, ValueError, TypeError, OSError) as e:
