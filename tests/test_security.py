@@ -375,6 +375,24 @@ def test_script_policy_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert ScriptPolicy(None, cwd=str(root)).dirs == [str(root.resolve())]  # default: the working directory
 
 
+def test_module_in_the_working_directory_outside_the_roots_is_refused(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (found by an attacker session): started as the `zmqrun` console script, a worker's
+    sys.path[0] is its bin/ directory, but the job's process (`python -m`, same working directory)
+    imports from the working directory first: a module there, outside the roots, passed the check
+    as "exists nowhere" and then ran."""
+    wd, root, bindir = tmp_path / "wd", tmp_path / "root", tmp_path / "bin"
+    for d in (wd, root, bindir):
+        d.mkdir()
+    write_script(wd, "evil_in_cwd.py", "def main():\n    return 'PWNED'\n")
+    monkeypatch.setattr(sys, "path", [str(bindir), *sys.path[1:]])
+    policy = ScriptPolicy([str(root)], cwd=str(wd))
+    why = policy.why_not("evil_in_cwd:main")
+    assert why is not None and "not under" in why, why
+    assert policy.why_not("evil_in_cwd.py:main") is not None
+    assert "NUL" in (policy.why_not("x\0.py:main") or "")
+
+
 def test_dedicated_worker_runs_only_its_own_script() -> None:
     w = Worker("tcp://127.0.0.1:9", FIBO)
     try:

@@ -12,8 +12,8 @@ module prefix (a dotted name such as ``jobs`` or ``zmqrun.examples``).  Without
   (``pkg`` covers ``pkg`` and ``pkg.mod``, not ``pkgx``), or if every file the
   import would execute (``pkg/__init__.py``, ``pkg/mod.py``) lies inside a
   directory root.  The files are found without importing anything: the worker
-  searches its own ``sys.path`` (the job's process starts with the same one)
-  with :class:`importlib.machinery.PathFinder`, one package level at a time and
+  searches the job process's import path (its working directory, then the rest
+  of this interpreter's ``sys.path``) with :class:`importlib.machinery.PathFinder`, one package level at a time and
   using each package's directory as found on disk (``importlib.util.find_spec``
   would import the parent packages, i.e. run their code, to read their
   ``__path__``).  A package whose ``__init__.py`` changes its own ``__path__``
@@ -66,8 +66,10 @@ class ScriptPolicy:
                 self.modules.append(root)
             else:
                 raise ValueError(f"--scripts {root!r} is neither an existing directory nor a module name")
-        # The job's process resolves imports like this worker ('' and the script's cwd are the same here).
-        self.search_path = [self.cwd if p in ("", ".") else p for p in sys.path]
+        # The job's process (`python -m zmqrun._coldstart`, started in this working directory) resolves
+        # imports from the working directory first, then the rest of this interpreter's path.  This
+        # worker's own sys.path[0] is its script's directory (a console script's bin/) or "": replace it.
+        self.search_path = [self.cwd, *(self.cwd if p in ("", ".") else p for p in sys.path[1:])]
 
     def describe(self) -> str:
         """The roots as one line, for logs and error messages."""
@@ -79,6 +81,8 @@ class ScriptPolicy:
             target, _func, is_path = split_spec(spec)
         except ScriptError as e:
             return str(e)
+        if "\0" in target:
+            return "script spec contains a NUL byte"
         if is_path:
             real = os.path.realpath(os.path.join(self.cwd, target))
             if any(_inside(real, d) for d in self.dirs):
