@@ -428,3 +428,16 @@ def test_cold_worker_default_root_is_its_working_directory(zr: Cluster) -> None:
         c.run("../outside.py", wait_timeout=30)
     assert getattr(e.value, "type", None) == "ScriptNotAllowed"
     assert not (zr.tmp / "outside.py.ran").exists()
+
+
+def test_warm_child_routing_ids_are_not_on_its_command_line(sec: tuple[Cluster, Keys]) -> None:
+    """Regression (found by an attacker session): the warm child's settings, including its and its
+    supervisor's secret routing ids, were in its argv, which any local user can read in
+    /proc/PID/cmdline; a client key could then claim the worker's routing id (ROUTER_HANDOVER) and
+    receive its jobs.  They travel in the environment now (readable only by the same user)."""
+    cluster, _keys = sec
+    proc = next(p for p in cluster.procs if "warm-sec" in p.args)
+    child = sorted(proc.family() - {proc.pid})
+    assert len(child) == 1, child
+    cmdline = open(f"/proc/{child[0]}/cmdline", "rb").read().decode(errors="replace")
+    assert "_warmchild" in cmdline and "~" not in cmdline and "identity" not in cmdline, cmdline

@@ -1,4 +1,4 @@
-"""Child process of a dedicated worker: ``python -m zmqrun._warmchild CONFIG_JSON``.
+"""Child process of a dedicated worker: ``python -m zmqrun._warmchild`` (settings in ``ZMQRUN_WARM_CHILD_CONFIG``).
 
 Started by :mod:`zmqrun.supervisor`.  Imports the script, maps the job board
 from the inherited descriptor, registers with the router under its own routing
@@ -10,6 +10,7 @@ its supervisor (Linux ``PR_SET_PDEATHSIG``).  Exit codes: 0 after a clean stop,
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -17,7 +18,8 @@ import orjson
 
 
 def main() -> int:
-    cfg = orjson.loads(sys.argv[1])
+    # From the environment (argv is world-readable in /proc); removed so job subprocesses do not inherit it.
+    cfg = orjson.loads(os.environ.pop("ZMQRUN_WARM_CHILD_CONFIG"))
     from ._coldstart import _die_with_parent
 
     _die_with_parent(cfg["parent_pid"])

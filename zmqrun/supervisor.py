@@ -59,6 +59,8 @@ from .worker import check_max_result_bytes, check_worker_options
 
 log = logging.getLogger("zmqrun.supervisor")
 
+CONFIG_ENV = "ZMQRUN_WARM_CHILD_CONFIG"  # the warm child's settings, as JSON (see _spawn)
+
 TICK = 0.1  # seconds between looks at the job board for jobs that started (their deadlines, cancels)
 CRASH_WINDOW = 2.0  # seconds: a child that dies sooner after starting counts as a crash loop
 CRASH_BACKOFF_MAX = 5.0  # seconds between restarts of a child that keeps dying
@@ -161,7 +163,10 @@ class Supervisor:
                "log_level": self.log_level, "tags": self.tags, "untagged": self.untagged,
                "curve": self.curve.as_dict() if self.curve is not None else None,
                "max_result_bytes": self.max_result_bytes, "max_log_bytes": self.max_log_bytes}
-        self.child = subprocess.Popen([sys.executable, "-m", "zmqrun._warmchild", orjson.dumps(cfg).decode()],
+        # The config travels in the environment, not argv: /proc/PID/cmdline is world-readable and the
+        # routing ids in it must stay secret (with CURVE they guard against a handover; zmqrun.security).
+        env = {**os.environ, CONFIG_ENV: orjson.dumps(cfg).decode()}
+        self.child = subprocess.Popen([sys.executable, "-m", "zmqrun._warmchild"], env=env,
                                       pass_fds=(self.board.fd,), stdin=subprocess.DEVNULL, start_new_session=True)
         self._child_started = time.monotonic()
         log.debug("worker %s: started process %d (%s)", self.name, self.child.pid, self.child_identity)
