@@ -280,6 +280,9 @@ def test_worker_sigterm_hands_back_prefetched_jobs(zr: Cluster, tmp_path: Path) 
     pids = c.wait([j.id for j in rest], timeout=30)
     assert len(set(pids)) == 1 and pids[0] in b.family()
     assert {c.get(j.id).worker for j in rest} == {"staying"}
+    # The stopping worker named them in its DISCONNECT: handed back unstarted, so no attempt was lost
+    # (a rolling restart must not use up the attempts of queued jobs; found by a chaos session).
+    assert [c.get(j.id).attempts for j in rest] == [1] * 5
 
 
 def test_inline_jobs_longer_than_liveness_keep_the_worker_registered(zr: Cluster, tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ W_READY: Final = 0x11  # {"script": str|None, "credit": int, "heartbeat": s, "na
 #                          "supervisor": routing id of its supervisor (str) or null}
 W_RESULT: Final = 0x14  # {"results": [result, ...]}  (MDP FINAL; each result returns one credit)
 W_HEARTBEAT: Final = 0x15
-W_DISCONNECT: Final = 0x16
+W_DISCONNECT: Final = 0x16  # empty, or {"unstarted": [id, ...]}: jobs a stopping worker hands back unstarted
 # supervisor -> router (a dedicated worker's supervisor process; its own DEALER, its own routing id,
 # never registered itself: the worker's READY names it)
 W_SUP_HEARTBEAT: Final = 0x17  # empty: the worker it supervises is alive (even if busy in a long job)

@@ -1114,7 +1114,12 @@ class Router:
         elif cmd == P.W_HEARTBEAT:
             pass
         elif cmd == P.W_DISCONNECT:
-            self._lose_worker(ident, "worker disconnected")
+            # A stopping worker names the jobs it hands back unstarted: they go back uncounted.
+            msg = orjson.loads(body) if body else None
+            ids = msg.get("unstarted") if isinstance(msg, dict) else None
+            back = frozenset(i for i in ids if type(i) is str) if isinstance(ids, list) else frozenset()
+            self._lose_worker(ident, "worker disconnected", unstarted=back,
+                              why_unstarted="handed back unstarted by the stopping worker")
         else:
             self._send(ident, [P.H_R_DISCONNECT, b'{"reason":"unexpected command"}'])
             self._lose_worker(ident, "worker sent an unexpected command")

@@ -328,6 +328,7 @@ class Worker:
         self._last_send = 0.0
         self._running = True
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._handed_back: list[str] = []  # ids of jobs dropped unstarted on stop, named in DISCONNECT
         self._results: list[bytes] = []
         self._done: collections.deque[bytes] = collections.deque()  # from pool threads
         self._active = 0  # jobs running in pool threads
@@ -476,7 +477,8 @@ class Worker:
         while True:
             if not self._running and not self._pending and self._active == 0:
                 self._flush()
-                self._send([P.H_W_DISCONNECT])
+                back, self._handed_back = self._handed_back, []
+                self._send([P.H_W_DISCONNECT, orjson.dumps({"unstarted": back})] if back else [P.H_W_DISCONNECT])
                 return "stopped", heard
             wait = max(0.0, self._last_send + self.heartbeat - time.monotonic())
             # Skip the poll only when there is work to start right now; with every pool
@@ -526,7 +528,9 @@ class Worker:
                         self._active += 1
                         self._pool.submit(self._run_pooled, job)  # type: ignore[union-attr]
             elif self._pending:
-                self._pending.clear()  # stopping: unstarted jobs go back via DISCONNECT
+                # Stopping: unstarted jobs go back via DISCONNECT, named so their attempt is not counted.
+                self._handed_back.extend(job["id"] for job in self._pending)
+                self._pending.clear()
             if self._results:
                 self._flush()
             if time.monotonic() - self._last_send >= self.heartbeat:
