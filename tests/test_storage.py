@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import orjson
 import pytest
 
 from conftest import Cluster, wait_until, write_script
+from zmqrun import protocol as P
 from zmqrun import segindex, snapshot
 from zmqrun.fsio import RealFS
 
@@ -251,3 +253,31 @@ def test_entries_of_an_indexed_segment_are_freed_in_slices_and_jobs_stay_readabl
         job = arch.get(jid)
         assert job is not None and job.result == d.finished[jid]["result"], jid
     d.close()
+
+
+def test_a_job_is_dispatched_only_after_its_submit_record_is_written(tmp_path: Path) -> None:
+    """A kill -9 between a dispatch and the log write would let a job run with no record of it anywhere
+    (found by a chaos session: the client got no ACK, re-submitted, and it ran twice).  The SUBMIT
+    batch is written (not yet synced) before the JOBS message leaves."""
+    from routerdriver import WORKER, Driver, FakeSocket
+
+    seen: list[bool] = []
+
+    class Checking(FakeSocket):
+        def send(self, frame: bytes, flags: int = 0) -> None:
+            super().send(frame, flags)
+            last = self.sent[-1] if self.sent and not flags & 2 else None
+            if last is not None and last[0] == WORKER and last[1][0] == P.H_JOBS:
+                jid = orjson.loads(last[1][1])["jobs"][0]["id"].encode()
+                on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("seg-*.log"))
+                seen.append(jid in on_disk)
+
+    d = Driver(tmp_path, segment_bytes=1 << 20)
+    d.sock = d.router.sock = Checking()  # type: ignore[assignment]
+    for _ in range(5):
+        d.submit(1)
+        d.tick()
+        d.work()
+        d.tick()
+    d.close()
+    assert seen == [True] * 5

@@ -710,26 +710,40 @@ class JobLog:
             return
         try:
             if self._pending:
-                batches = self.segments[-1].batches
-                while self._pending:
-                    batch = self._take_batch()
-                    frame = encode_batch(self._written_seq + 1, batch, self._seg_size - self._synced_size)
-                    self._write_all(frame)
-                    batches.append(self._written_seq + 1)  # type: ignore[union-attr]
-                    batches.append(self._seg_size)  # type: ignore[union-attr]
-                    self._seg_size += len(frame)
-                    self._written_seq += len(batch)
-                    self.batches_written += 1
-                if self._unsynced_since is None:
-                    self._unsynced_since = time.monotonic()
-                if self._seg_size >= self.segment_bytes:
-                    self._roll()
+                self._write_pending()
+            if self._seg_size >= self.segment_bytes:
+                self._roll()
             if self.policy.mode != "always":
                 self.durable_seq = self._written_seq
             elif (need_durable or self._eager_seq > self.durable_seq) and self.durable_seq < self._written_seq:
                 self._sync()
         except OSError as e:
             self._fail(e)
+
+    def write(self) -> None:
+        """Write pending records now, without a sync and without rolling the segment (the router calls
+        this before it dispatches, so a job never runs while its SUBMIT is only in this process's memory:
+        a kill -9 keeps what was written).  A failure sets :attr:`failure`."""
+        if self.failure is not None or not self._pending:
+            return
+        try:
+            self._write_pending()
+        except OSError as e:
+            self._fail(e)
+
+    def _write_pending(self) -> None:
+        batches = self.segments[-1].batches
+        while self._pending:
+            batch = self._take_batch()
+            frame = encode_batch(self._written_seq + 1, batch, self._seg_size - self._synced_size)
+            self._write_all(frame)
+            batches.append(self._written_seq + 1)  # type: ignore[union-attr]
+            batches.append(self._seg_size)  # type: ignore[union-attr]
+            self._seg_size += len(frame)
+            self._written_seq += len(batch)
+            self.batches_written += 1
+        if self._unsynced_since is None:
+            self._unsynced_since = time.monotonic()
 
     def _roll(self) -> None:
         """Seal the active segment (sync, close) and open the next one."""

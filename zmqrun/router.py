@@ -656,8 +656,14 @@ class Router:
         jlog = self.log
         if self._dirty:
             self._dirty = False
-            self._dispatch(time.time())  # before the sync: workers run while the disk syncs
-        # One write (and, if an ACK or result waits on it, one fdatasync) for the whole iteration.
+            # SUBMITs are written (not synced) before any job they hold is dispatched: a job never runs
+            # while its record is only in memory (a kill -9 then keeps it); the sync waits until after
+            # the dispatch, so workers run while the disk syncs.
+            jlog.write()
+            if jlog.failure is None:
+                self._dispatch(time.time())
+        # The rest written (DISPATCH records, results) and, if an ACK or result waits on it, one fdatasync
+        # for the whole iteration.
         jlog.flush(need_durable=bool(self._gated))
         if jlog.failure is not None:
             return False
