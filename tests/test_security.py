@@ -441,3 +441,12 @@ def test_warm_child_routing_ids_are_not_on_its_command_line(sec: tuple[Cluster, 
     assert len(child) == 1, child
     cmdline = open(f"/proc/{child[0]}/cmdline", "rb").read().decode(errors="replace")
     assert "_warmchild" in cmdline and "~" not in cmdline and "identity" not in cmdline, cmdline
+
+
+def test_ipv6_loopback_address_works_end_to_end(zr: Cluster) -> None:
+    """The README counts ::1 as loopback: a router binds tcp://[::1]:PORT without --insecure, and a
+    worker and a client connect to it (an attacker session found the bind failing: no IPV6 option)."""
+    zr.start_router(address=f"tcp://[::1]:{free_port()}")
+    c = zr.client()
+    zr.start_worker(FIBO, name="warm-v6")
+    assert c.run(FIBO, {"n": 10}, wait_timeout=30) == 55

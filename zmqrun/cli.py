@@ -114,8 +114,8 @@ def main() -> None:
 @click.option("--sndhwm", default=0, show_default=True, type=click.IntRange(0, 10_000_000),
               help="send high-water mark per peer in messages (0: none); a full peer's messages wait in the router")
 @click.option("--max-message-bytes", default="256MiB", show_default=True, type=ByteSize(),
-              help="largest message accepted (ZeroMQ MAXMSGSIZE; at least 1KiB); a peer that sends a larger "
-                   "one is disconnected")
+              help="largest message frame accepted (ZeroMQ MAXMSGSIZE; at least 1KiB); a peer that sends a "
+                   "larger one is disconnected")
 @click.option("--curve-secret", default=None, metavar="FILE",
               help="CURVE: the router's NAME.key_secret (with --clients-keys and --workers-keys)")
 @click.option("--clients-keys", default=None, metavar="DIR", help="CURVE: directory of the client public keys (*.key)")

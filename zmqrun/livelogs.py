@@ -229,6 +229,7 @@ class LogPump:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.IPV6, 1)  # a tcp://[::1] router address
         if self.secure is not None:
             self.secure(sock)
         sock.connect(self.connect)

@@ -169,8 +169,10 @@ def configure_peer_socket(sock: zmq.Socket, identity: bytes, linger_ms: int = 50
       resends and timeouts.
     - LINGER: bounded, so closing never hangs on unsent messages (S8).
     - TCP keepalive: idle NAT/conntrack drops are noticed by the kernel.
+    - IPV6: an ``tcp://[::1]:PORT`` address works (IPv4 ones still do).
     """
     sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.setsockopt(zmq.IPV6, 1)
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, 0)
