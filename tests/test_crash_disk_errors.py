@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Cluster, Proc, write_script
+from conftest import Cluster, Proc, subprocess_env, write_script
 from zmqrun import Client, RequestRejected, RouterUnavailable
 
 DOUBLE = """\
@@ -188,3 +189,29 @@ def test_injected_eio_on_any_sync_stops_router_cleanly(zr: Cluster, tmp_path: Pa
     assert_router_failed(router, why)
     tried["sync-after"] = -1
     assert_kept_after_restart(zr, address, script, acked, tried, absent=["sync-after"])
+
+
+def test_log_file_operations_survive_running_out_of_descriptors_once(tmp_path: Path) -> None:
+    """An attacker session exhausted the router's descriptors with unauthenticated connections; the
+    job log then could not open its data directory to sync it and stopped the router.  The file layer
+    keeps one descriptor in reserve and spends it on EMFILE: the log's next open still succeeds
+    (run in a subprocess with a low RLIMIT_NOFILE)."""
+    code = f"""
+import errno, os, resource
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from zmqrun.fsio import RealFS
+fs, d = RealFS(), Path({str(tmp_path)!r})
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError as e:
+    assert e.errno == errno.EMFILE
+fs.fsync_dir(d)                       # the spare descriptor makes room, then is taken back
+fd = fs.create(d / "seg-2.log")       # ... and once more: the directory's fd was closed again
+print("ok", fd > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=subprocess_env())
+    assert out.returncode == 0 and out.stdout.strip() == "ok True", out.stderr

@@ -22,6 +22,7 @@ retention is unknown ("expired"), which is what a lookup then says.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 from typing import Any, Iterator
 
@@ -174,6 +175,9 @@ class Archive:
             sub = self._decoded(submit_seq, cache)
             end = self._decoded(end_seq, cache)
         except (LogCorruption, OSError) as e:  # a lookup must not take the router down, nor say "unknown"
+            if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+                raise ArchiveDamaged(f"job {job_id} cannot be read back now: the router is out of file "
+                                     f"descriptors (too many connections?); try again") from None
             where = f"{e.path.name} at offset {e.offset}: {e.why}" if isinstance(e, LogCorruption) else str(e)
             msg = (f"job {job_id} is in the archive but its records cannot be read back ({where}); "
                    f"run `zmqrun log check {self.log.dir}`")

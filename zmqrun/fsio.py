@@ -10,8 +10,50 @@ one attribute lookup per call.
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+# One descriptor held in reserve (the classic spare-fd trick): when the process has run out of
+# descriptors (EMFILE: e.g. a flood of connections nobody authenticated), the log frees it to open
+# its next segment or sync its directory instead of failing the router; it is taken again after.
+_spare_lock = threading.Lock()
+_spare: list[int] = []
+
+
+def _reserve() -> None:
+    with _spare_lock:
+        if not _spare:
+            try:
+                _spare.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                pass  # still out of descriptors: the next call tries again
+
+
+def _opening(fn: Callable[[], T]) -> T:
+    """Run ``fn`` (which opens a descriptor); on EMFILE free the spare one and try once more."""
+    if not _spare:
+        _reserve()  # spent earlier (or not taken): take it back while descriptors are free
+    try:
+        return fn()
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        with _spare_lock:
+            if not _spare:
+                raise
+            os.close(_spare.pop())
+        try:
+            return fn()
+        finally:
+            _reserve()
+
+
+_reserve()
 
 
 class RealFS:
@@ -22,11 +64,11 @@ class RealFS:
 
     def create(self, path: Path) -> int:
         """Create ``path`` (must not exist) for appending, mode 0600; return the fd."""
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        return _opening(lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600))
 
     def open_append(self, path: Path) -> int:
         """Open an existing file for appending; return the fd."""
-        return os.open(path, os.O_WRONLY | os.O_APPEND)
+        return _opening(lambda: os.open(path, os.O_WRONLY | os.O_APPEND))
 
     def write(self, fd: int, data: bytes | memoryview) -> int:
         """One ``write(2)``; return the bytes written (may be short)."""
@@ -46,7 +88,7 @@ class RealFS:
 
     def fsync_dir(self, path: Path) -> None:
         """fsync a directory so a create, rename or delete in it is durable."""
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = _opening(lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY))
         try:
             os.fsync(fd)
         finally:
@@ -66,7 +108,7 @@ class RealFS:
 
     def pread(self, path: Path, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes of ``path`` from ``offset``."""
-        fd = os.open(path, os.O_RDONLY)
+        fd = _opening(lambda: os.open(path, os.O_RDONLY))
         try:
             return os.pread(fd, size, offset)
         finally:
