@@ -13,7 +13,7 @@ import pytest
 import zmq
 import zmq.utils.monitor
 
-from conftest import Cluster, unused_address, write_script
+from conftest import FIBO, Cluster, unused_address, write_script
 from routerdriver import CLIENT, Driver
 from zmqrun import AsyncClient, Client, JobFailed, RequestRejected
 from zmqrun import protocol as P
@@ -96,6 +96,18 @@ def test_router_args_limit_end_to_end(zr: Cluster) -> None:
     assert "over the router's limit of 1,000 bytes (--max-args-bytes)" in str(info.value)
     assert "\n" not in str(info.value)
     assert c.submit("m:f", {"s": "a" * 100}).id  # a small one is accepted
+
+
+def test_map_with_return_exceptions_puts_a_refused_job_in_its_place(zr: Cluster) -> None:
+    """map(return_exceptions=True): a job the router refuses (args over its lower limit) becomes a
+    RequestRejected in its place while the others run (it raised for the whole call before: found by
+    an attacker session)."""
+    zr.start_router(extra=("--max-args-bytes", "1000"))
+    zr.start_worker(FIBO, name="warm-map")
+    c = zr.client()
+    out = c.map(FIBO, [{"n": 5}, {"n": 6, "pad": "a" * 2000}, {"n": 7}], return_exceptions=True)
+    assert out[0] == 5 and out[2] == 13
+    assert isinstance(out[1], RequestRejected) and "--max-args-bytes" in str(out[1])
 
 
 def test_router_refuses_bad_limit_options(zr: Cluster) -> None:

@@ -335,11 +335,14 @@ def rejected_outcomes(ids: list[str], cmd: int, body: dict[str, Any]) -> dict[st
 
 def outcome_value(job_id: str, outcome: dict[str, Any], return_exceptions: bool) -> Any:
     """A job's result value from its outcome; raises RequestRejected for a refused job and JobFailed for a
-    failed or canceled one (unless ``return_exceptions``: then the JobFailed is returned)."""
+    failed or canceled one (unless ``return_exceptions``: then that exception is returned)."""
     if outcome["status"] == "success":
         return outcome.get("result")
     if outcome["status"] == "rejected":
-        raise RequestRejected(f"job rejected: {outcome['error']['message']}")
+        rejected = RequestRejected(f"job rejected: {outcome['error']['message']}")
+        if not return_exceptions:
+            raise rejected
+        return rejected
     err = JobFailed(job_id, outcome["status"], outcome.get("error") or {})
     if not return_exceptions:
         raise err
@@ -731,8 +734,8 @@ class Client:
         Pipelined: jobs go out ``batch_size`` per message with up to ``window``
         jobs in flight, so throughput is not bounded by round trips.  ``retries``,
         ``backoff`` and ``tag`` apply to every job (see :meth:`submit`).  Raises
-        :class:`JobFailed` for the first failed job unless
-        ``return_exceptions`` (then the JobFailed is put in its place), and
+        :class:`JobFailed` for the first failed job (:class:`RequestRejected` for one the router
+        refused) unless ``return_exceptions`` (then that exception is put in its place), and
         ``TypeError`` for unserializable args before anything is sent.
         """
         check_map_options(batch_size, window)
@@ -751,7 +754,7 @@ class Client:
 
     def _map_loop(self, all_jobs: list[dict[str, Any]], ids: list[str], remaining: set[str], batch_size: int,
                   window: int, return_exceptions: bool) -> list[Any]:
-        reqs: set[int] = set()  # our SUBMITs: sent with "ack": false, so a reply means a refusal
+        reqs: dict[int, list[str]] = {}  # our SUBMITs (ids): sent with "ack": false, so a reply means a refusal
         sent = 0
         quiet_since = time.monotonic()
         self._arrived.clear()
@@ -766,14 +769,20 @@ class Client:
                 self._send(P.C_SUBMIT, noack_submit(req, chunk))
                 for d in chunk:
                     noack[d["id"]] = d
-                reqs.add(req)
+                reqs[req] = [d["id"] for d in chunk]
                 sent += len(chunk)
                 in_flight += len(chunk)
             if self._pump(min(self.timeout, WAIT_SLICE)):
                 quiet_since = time.monotonic()
             if self._replies:
                 for req in [r for r in reqs if r in self._replies]:
-                    check_submit_reply(reply_body(*self._replies.pop(req)))
+                    cmd, body = self._replies.pop(req)
+                    if not return_exceptions:
+                        check_submit_reply(reply_body(cmd, body))
+                        continue
+                    for jid, o in rejected_outcomes(reqs[req], cmd, body).items():  # each in its place
+                        self._outcomes[jid] = o
+                        self._arrived.append(jid)
             remaining.difference_update(self._arrived)
             self._arrived.clear()
             if not remaining:
