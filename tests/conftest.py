@@ -53,6 +53,35 @@ def wait_until(predicate: Callable[[], Any], timeout: float = READY_TIMEOUT, int
         time.sleep(interval)
 
 
+def read_pid(marker: Path, timeout: float = 20) -> int:
+    """The PID a test job wrote to ``marker`` once it started (waits up to ``timeout`` seconds)."""
+    wait_until(marker.exists, timeout=timeout, interval=0.02, what=f"the job to start ({marker.name})")
+    return int(marker.read_text())
+
+
+def pid_gone(pid: int) -> bool:
+    """True if process ``pid`` no longer runs (gone, or a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def log_records(data_dir: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(type, payload) of every job log record in ``data_dir`` (the router must be stopped)."""
+    import orjson
+
+    from zmqrun.joblog import FsyncPolicy, JobLog
+
+    jlog = JobLog(data_dir, FsyncPolicy("always"))
+    try:
+        jlog.scan_segments()
+        return [(rtype, orjson.loads(payload)) for _seq, rtype, payload in jlog.recover(0)]
+    finally:
+        jlog.close()
+
+
 def family_pids(pid: int) -> set[int]:
     """``pid`` and the PIDs of its live descendants, read from /proc (Linux)."""
     parents: dict[int, int] = {}

@@ -22,10 +22,10 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import Cluster, Proc, wait_until, write_script
+from conftest import Cluster, Proc, log_records, wait_until, write_script
 from routerdriver import CLIENT, WORKER, Driver
 from zmqrun import Client, JobFailed, protocol as P
-from zmqrun.joblog import FINISH, REQUEUE, SUBMIT, FsyncPolicy, JobLog
+from zmqrun.joblog import FINISH, REQUEUE, SUBMIT
 
 # -- in-process: the router's rules ----------------------------------------------------------------
 
@@ -60,15 +60,6 @@ def held(d: Driver, jid: str) -> dict[str, Any]:
     d.running.remove(job)
     return job
 
-
-def records(data_dir: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(type, payload) of every record in the log (the router must be closed)."""
-    jlog = JobLog(data_dir, FsyncPolicy("always"))
-    try:
-        jlog.scan_segments()
-        return [(rtype, orjson.loads(payload)) for _seq, rtype, payload in jlog.recover(0)]
-    finally:
-        jlog.close()
 
 
 def test_failed_attempts_are_retried_recorded_and_only_the_final_outcome_is_pushed(tmp_path: Path) -> None:
@@ -105,7 +96,7 @@ def test_failed_attempts_are_retried_recorded_and_only_the_final_outcome_is_push
     d.close()
 
     # The log: each retry is a REQUEUE "retry" record written before any FINISH of the same batch.
-    kinds = [(t, rec.get("retry")) for t, rec in records(tmp_path) if t in (REQUEUE, FINISH)]
+    kinds = [(t, rec.get("retry")) for t, rec in log_records(tmp_path) if t in (REQUEUE, FINISH)]
     assert kinds[0] == (REQUEUE, True)
     # Replay rebuilds the same state: the finished job with its attempt errors, the waiting one with its
     # error and its time; and a lookup that reads the records back from disk agrees.
@@ -173,8 +164,8 @@ def test_after_a_restart_running_jobs_are_leased_and_their_workers_late_reports_
     d2.tick()
     assert d2.router.archive.get(c["id"]).attempts == 2
     d2.close()
-    finishes = collections.Counter(r["id"] for t, rec in records(tmp_path) if t == FINISH for r in rec["results"])
-    requeues = [rec for t, rec in records(tmp_path) if t == REQUEUE]
+    finishes = collections.Counter(r["id"] for t, rec in log_records(tmp_path) if t == FINISH for r in rec["results"])
+    requeues = [rec for t, rec in log_records(tmp_path) if t == REQUEUE]
     assert len(requeues) == 1 and requeues[0]["jobs"][0][:2] == [c["id"], 1]
     assert "no worker reported" in requeues[0]["jobs"][0][2]
     d3 = Driver(tmp_path, segment_bytes=1 << 20)
@@ -499,7 +490,7 @@ def test_a_submit_whose_ack_was_lost_is_sent_again_without_a_second_job(zr: Clus
     t.start()
     router.popen.wait(15)
     assert router.popen.returncode == -signal.SIGKILL, router.output()
-    subs = [rec for t_, rec in records(zr.data_dir) if t_ == SUBMIT]
+    subs = [rec for t_, rec in log_records(zr.data_dir) if t_ == SUBMIT]
     assert [j["id"] for rec in subs for j in rec["jobs"]] == ["idem-1"], "the SUBMIT was durable before the kill"
     assert "job" not in outcome and "error" not in outcome  # still waiting for its ACK
     zr.start_router(address=address)  # the plain router, same data dir and address
@@ -512,7 +503,7 @@ def test_a_submit_whose_ack_was_lost_is_sent_again_without_a_second_job(zr: Clus
     jobs = c.list_jobs()
     assert [r.id for r in jobs] == ["idem-1"] and jobs[0].attempts == 1
     zr.router_proc.stop()
-    subs = [j["id"] for t_, rec in records(zr.data_dir) if t_ == SUBMIT for j in rec["jobs"]]
+    subs = [j["id"] for t_, rec in log_records(zr.data_dir) if t_ == SUBMIT for j in rec["jobs"]]
     assert subs == ["idem-1"], "the resent SUBMIT must not be recorded as a second job"
 
 
@@ -677,7 +668,7 @@ def test_s4_router_kill9_with_queued_running_and_delayed_jobs(zr: Cluster, tmp_p
     ids = [r.id for r in listed]
     assert len(ids) == len(set(ids)) == 17 and all(r.status == "success" for r in listed)
     zr.router_proc.stop()
-    finishes = collections.Counter(r["id"] for t_, rec in records(zr.data_dir) if t_ == FINISH
+    finishes = collections.Counter(r["id"] for t_, rec in log_records(zr.data_dir) if t_ == FINISH
                                    for r in rec["results"])
     assert set(finishes) == set(ids)
     # Recorded once each: a second FINISH of a job could only be a worker's duplicate that replay drops;

@@ -28,7 +28,7 @@ import orjson
 import pytest
 import zmq
 
-from conftest import Cluster, free_port, wait_until, write_script
+from conftest import Cluster, free_port, log_records, pid_gone, read_pid, wait_until, write_script
 from zmqrun import Client, JobFailed
 from zmqrun import protocol as P
 
@@ -78,17 +78,6 @@ def _jobs(tmp_path: Path) -> Path:
     return write_script(tmp_path, "scenario_jobs.py", JOBS)
 
 
-def _read_pid(marker: Path, timeout: float = 20) -> int:
-    wait_until(marker.exists, timeout=timeout, interval=0.02, what=f"the job to start ({marker.name})")
-    return int(marker.read_text())
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in ("Z", "X")
 
 
 def _raw_dealer(address: str, identity: bytes, **opts: int) -> zmq.Socket:
@@ -163,7 +152,7 @@ def _s1_hwm(zr: Cluster, tmp_path: Path, n: int, quiet: float) -> None:
         assert st["dropped"].get("held_sends_dropped", 0) == 0
     # The job log: one FINISH entry per job, of its first attempt (read after the router stops).
     zr.router_proc.stop()
-    finished = collections.Counter((x["id"], x["attempt"]) for t, rec in _records(zr.data_dir) if t == 3
+    finished = collections.Counter((x["id"], x["attempt"]) for t, rec in log_records(zr.data_dir) if t == 3
                                    for x in rec["results"])
     assert len(finished) == n and set(finished.values()) == {1} and {a for _i, a in finished} == {1}
     assert {i for i, _a in finished} == set(ids)
@@ -264,7 +253,7 @@ def test_s2_worker_restarts_with_the_same_or_a_new_identity(zr: Cluster, tmp_pat
     a = zr.start_worker(script, name="w-A", heartbeat=HB, prefetch=0)
     marker = tmp_path / "j.pid"
     j = c.submit(script, {"marker": str(marker), "seconds": 60, "again": 1.5})
-    _read_pid(marker)
+    read_pid(marker)
     assert c.get(j.id).worker == "w-A"
     a.kill9()
     killed = time.monotonic()
@@ -316,17 +305,6 @@ def test_s2_worker_restarts_with_the_same_or_a_new_identity(zr: Cluster, tmp_pat
 # -- S3: a worker dies mid-job ---------------------------------------------------------------------
 
 
-def _records(data_dir: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(type, payload) of every job log record (the router must be stopped)."""
-    from zmqrun.joblog import FsyncPolicy, JobLog
-
-    jlog = JobLog(data_dir, FsyncPolicy("always"))
-    try:
-        jlog.scan_segments()
-        return [(rtype, orjson.loads(payload)) for _seq, rtype, payload in jlog.recover(0)]
-    finally:
-        jlog.close()
-
 
 def test_s3_cold_worker_killed_mid_job_is_detected_and_the_job_runs_once_more(zr: Cluster, tmp_path: Path) -> None:
     """S3: a normal (cold) worker runs a 10 s job; kill -9 of the worker process 2 s in.  The worker
@@ -343,7 +321,7 @@ def test_s3_cold_worker_killed_mid_job_is_detected_and_the_job_runs_once_more(zr
     a = zr.start_worker(None, name="cold-A", heartbeat=beat)
     marker = tmp_path / "s3.pid"
     j = c.submit(script, {"marker": str(marker), "seconds": 10})
-    job_pid = _read_pid(marker)
+    job_pid = read_pid(marker)
     started = time.monotonic()
     zr.start_worker(None, name="cold-B", heartbeat=beat)
     time.sleep(max(0.0, 2.0 - (time.monotonic() - started)))
@@ -353,12 +331,12 @@ def test_s3_cold_worker_killed_mid_job_is_detected_and_the_job_runs_once_more(zr
     wait_until(lambda: c.get(j.id).attempts == 2, timeout=10, interval=0.02, what="the job to be dispatched again")
     detected = time.monotonic() - killed
     assert detected < beat * liveness + beat + 1.5, f"lost worker noticed after {detected:.2f} s"
-    wait_until(lambda: _gone(job_pid), timeout=5, what="the killed worker's job process to be gone")
+    wait_until(lambda: pid_gone(job_pid), timeout=5, what="the killed worker's job process to be gone")
     assert j.result(timeout=30) == "again"
     rec = c.get(j.id)
     assert rec.status == "success" and rec.attempts == 2 and rec.worker == "cold-B"
     zr.router_proc.stop()
-    requeues = [r for t, r in _records(zr.data_dir) if t == 5 and any(x[0] == j.id for x in r["jobs"])]
+    requeues = [r for t, r in log_records(zr.data_dir) if t == 5 and any(x[0] == j.id for x in r["jobs"])]
     assert [[x[:2] for x in r["jobs"]] for r in requeues] == [[[j.id, 1]]]
     assert "(cold-A)" in requeues[0]["jobs"][0][2] and not requeues[0].get("final")
 
@@ -405,7 +383,7 @@ def test_s3_job_that_kills_its_cold_worker_ends_worker_lost_and_the_log_names_ea
     assert info.value.type == "WorkerLost" and "gave up after 2 attempts" in info.value.message
     assert c.get(j.id).attempts == 2
     zr.router_proc.stop()
-    lost = [x for t, r in _records(zr.data_dir) if t == 5 for x in r["jobs"] if x[0] == j.id]
+    lost = [x for t, r in log_records(zr.data_dir) if t == 5 for x in r["jobs"] if x[0] == j.id]
     assert [(x[1], f"(cold-{x[1]})" in x[2]) for x in lost] == [(1, True), (2, True)]
 
 
@@ -733,12 +711,12 @@ def test_cancel_after_a_router_restart_kills_the_leased_job_on_its_cold_worker(z
     zr.start_worker(None, name="cold-L", heartbeat=HB)
     marker = tmp_path / "l.pid"
     j = c.submit(script, {"marker": str(marker), "seconds": 60})
-    job_pid = _read_pid(marker)
+    job_pid = read_pid(marker)
     zr.router_proc.kill9()
     zr.start_router(heartbeat=HB, address=zr.address)
     res = c.cancel(j.id, reason="restart test")
     assert res.canceled and "cold-L" in res.message, res
-    wait_until(lambda: _gone(job_pid), timeout=10, what="the canceled job's process to be killed")
+    wait_until(lambda: pid_gone(job_pid), timeout=10, what="the canceled job's process to be killed")
     assert c.get(j.id).status == "canceled"
     wait_until(lambda: "cold-L" in zr.worker_names(), timeout=10, what="the worker to register again")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import Cluster, family_pids, wait_until, write_script
+from conftest import Cluster, family_pids, pid_gone, read_pid, wait_until, write_script
 from zmqrun import JobFailed
 from zmqrun import protocol as P
 
@@ -63,17 +63,6 @@ def _jobs(tmp_path: Path) -> Path:
     return write_script(tmp_path, "tcjobs.py", JOBS)
 
 
-def _read_pid(marker: Path) -> int:
-    wait_until(marker.exists, timeout=20, interval=0.02, what=f"the job to start ({marker.name})")
-    return int(marker.read_text())
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in ("Z", "X")
 
 
 def test_warm_timeout_kills_rewarms_and_requeues_unstarted_jobs(zr: Cluster, tmp_path: Path) -> None:
@@ -85,7 +74,7 @@ def test_warm_timeout_kills_rewarms_and_requeues_unstarted_jobs(zr: Cluster, tmp
     long = c.submit(slow, {"seconds": 30, "marker": str(marker)}, timeout=0.5)
     # Sent ahead to the same worker (prefetch), waiting behind the long job in its child.
     quick = [c.submit(slow, {"seconds": 0}) for _ in range(2)]
-    old_child = _read_pid(marker)
+    old_child = read_pid(marker)
     assert old_child in w.family() and old_child != w.pid  # the job runs in the child, not the supervisor
     with pytest.raises(JobFailed) as info:
         long.result(timeout=20)
@@ -94,7 +83,7 @@ def test_warm_timeout_kills_rewarms_and_requeues_unstarted_jobs(zr: Cluster, tmp
     assert "0.5 s" in info.value.message
     rec = c.get(long.id)
     assert rec.status == "failure" and rec.attempts == 1 and rec.worker == "warm-t"
-    wait_until(lambda: _gone(old_child), timeout=5, what="the timed-out child to be killed")
+    wait_until(lambda: pid_gone(old_child), timeout=5, what="the timed-out child to be killed")
     # The jobs it never started run on the re-warmed child, their attempt not counted.
     pids = c.wait([j.id for j in quick], timeout=20)
     serving_again = time.monotonic() - failed_at
@@ -137,7 +126,7 @@ def test_cancel_running_warm_job(zr: Cluster, tmp_path: Path) -> None:
     w = zr.start_worker(slow, name="warm-c", heartbeat=HB)
     marker = tmp_path / "cancel-me.pid"
     job = c.submit(slow, {"seconds": 30, "marker": str(marker)})
-    child = _read_pid(marker)
+    child = read_pid(marker)
     res = c.cancel(job.id, reason="testing cancel")
     assert res.canceled is True and res.status == "canceled" and "warm-c" in res.message
     with pytest.raises(JobFailed) as info:
@@ -146,7 +135,7 @@ def test_cancel_running_warm_job(zr: Cluster, tmp_path: Path) -> None:
     # Who and why, and that it was interrupted.
     assert "testing cancel" in info.value.message and f"(pid {os.getpid()})" in info.value.message
     assert "interrupted while running on warm-c" in info.value.message
-    wait_until(lambda: _gone(child), timeout=5, what="the canceled job's process to be killed")
+    wait_until(lambda: pid_gone(child), timeout=5, what="the canceled job's process to be killed")
     rec = c.get(job.id)
     assert rec.status == "canceled" and rec.attempts == 1
     # Cancel again: already finished.
@@ -163,11 +152,11 @@ def test_cancel_running_cold_job_kills_its_process_and_frees_the_slot(zr: Cluste
     zr.start_worker(None, name="cold-c", heartbeat=HB)  # concurrency 1, no prefetch: one job at a time
     marker = tmp_path / "cold.pid"
     job = c.submit(f"{path}:slow", {"seconds": 30, "marker": str(marker)})
-    pid = _read_pid(marker)
+    pid = read_pid(marker)
     proc = zr.cli("jobs", "cancel", job.id, "--reason", "from the CLI")
     assert proc.returncode == 0, proc.stderr
     assert f"canceled {job.id}" in proc.stdout
-    wait_until(lambda: _gone(pid), timeout=5, what="the cold job's process to be killed")
+    wait_until(lambda: pid_gone(pid), timeout=5, what="the cold job's process to be killed")
     rec = c.get(job.id)
     assert rec.status == "canceled" and rec.error["type"] == "Canceled"
     assert "from the CLI" in rec.error["message"] and "canceled by" in rec.error["message"]
@@ -185,7 +174,7 @@ def test_cancel_of_a_job_waiting_in_the_worker_skips_it_without_a_restart(zr: Cl
     first_marker, second_marker = tmp_path / "first.pid", tmp_path / "second.pid"
     first = c.submit(slow, {"seconds": 1.5, "marker": str(first_marker)})
     second = c.submit(slow, {"seconds": 0, "marker": str(second_marker)})
-    child = _read_pid(first_marker)
+    child = read_pid(first_marker)
     assert c.get(second.id).status == "running"  # dispatched: waiting in the child's buffer
     assert c.cancel(second.id, reason="not needed").canceled
     assert first.result(timeout=20) == child  # not interrupted: same process, first attempt
@@ -221,13 +210,13 @@ def test_killed_worker_mid_job_runs_it_on_another(zr: Cluster, tmp_path: Path, v
     a = zr.start_worker(slow, name="worker-A", heartbeat=HB, prefetch=0)
     marker = tmp_path / "a.pid"
     job = c.submit(slow, {"seconds": 1.0, "marker": str(marker)})
-    child = _read_pid(marker)
+    child = read_pid(marker)
     b = zr.start_worker(slow, name="worker-B", heartbeat=HB, prefetch=0)
     if victim == "worker":
         a.kill9()
     else:
         os.kill(child, 9)
-    wait_until(lambda: _gone(child), timeout=5, what="A's child to be gone")
+    wait_until(lambda: pid_gone(child), timeout=5, what="A's child to be gone")
     assert job.result(timeout=20) in family_pids(b.pid)
     rec = c.get(job.id)
     assert rec.status == "success" and rec.attempts == 2 and rec.worker == "worker-B"
@@ -252,8 +241,8 @@ def test_timeout_with_concurrency_restarts_the_child_and_requeues_its_other_job(
     w = zr.start_worker(slow, name="warm-pool", heartbeat=HB, concurrency=2, prefetch=0)
     killer = c.submit(slow, {"seconds": 30, "marker": str(tmp_path / "k.pid")}, timeout=1.0)
     other = c.submit(slow, {"seconds": 2.0, "marker": str(tmp_path / "o.pid")})
-    child = _read_pid(tmp_path / "k.pid")
-    assert _read_pid(tmp_path / "o.pid") == child  # both run in the same child, on two threads
+    child = read_pid(tmp_path / "k.pid")
+    assert read_pid(tmp_path / "o.pid") == child  # both run in the same child, on two threads
     with pytest.raises(JobFailed) as info:
         killer.result(timeout=20)
     assert info.value.type == "Timeout"
@@ -374,13 +363,13 @@ def test_second_sigterm_kills_the_running_job_and_hands_it_back(zr: Cluster, tmp
     w = zr.start_worker(slow, name="warm-stop", heartbeat=HB)
     marker = tmp_path / "stop.pid"
     job = c.submit(slow, {"seconds": 30, "marker": str(marker)})
-    child = _read_pid(marker)
+    child = read_pid(marker)
     w.popen.terminate()
     time.sleep(0.3)
-    assert w.alive() and not _gone(child)  # first signal: it finishes the running job
+    assert w.alive() and not pid_gone(child)  # first signal: it finishes the running job
     w.popen.terminate()
     assert w.popen.wait(10) == 0
-    assert _gone(child)
+    assert pid_gone(child)
     wait_until(lambda: c.get(job.id).status == "queued", timeout=5, what="the job back in the queue")
     assert f"worker process {child} stopped (killed by SIGKILL)" in zr.router_proc.output()
     assert c.cancel(job.id).canceled
