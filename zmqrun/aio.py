@@ -25,7 +25,8 @@ import zmq
 from . import protocol as P
 from .client import (WAIT_SLICE, Call, CancelResult, ConnectionWatch, RequestRejected, ZmqrunError, cancel_request,
                      check_map_options, check_max_args_bytes, client_settings, encode_request, evict_unclaimed,
-                     get_request, id_list, job_dict, list_request, logs_request, no_answer, noack_submit, outcome_value,
+                     get_request, id_list, job_dict, list_request, logs_request, lost_submits, no_answer,
+                     noack_submit, outcome_value,
                      read_router_message, rejected_outcomes, reply_body, retry_job_dict, run_job_dict,
                      setup_client_socket, status_request, submit_request, unfollow_body, unreachable)
 from .livelogs import FollowState
@@ -417,12 +418,7 @@ class AsyncClient:
         """Ask the router for unfinished ``ids`` again (see :meth:`zmqrun.Client._reask`): jobs sent
         without an ACK that it does not know are submitted again, same ids.  Raises RouterUnavailable
         if the router is silent, ZmqrunError for other ids it does not know."""
-        body = await self._request(P.C_WAIT, {"ids": ids})
-        unknown = body.get("unknown") or []
-        lost = [self._noack_jobs[j] for j in unknown if j in self._noack_jobs]
-        if len(lost) < len(unknown):
-            others = [j for j in unknown if j not in self._noack_jobs]
-            raise ZmqrunError(f"the router does not know job(s) {', '.join(others[:5])}")
+        lost = lost_submits(await self._request(P.C_WAIT, {"ids": ids}), self._noack_jobs)
         if lost:
             req = next(self._req)
             self._noack[req] = [d["id"] for d in lost]

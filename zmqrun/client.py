@@ -301,6 +301,18 @@ def noack_submit(req: int, jobs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"req": req, "jobs": jobs, "notify": True, "ack": False}
 
 
+def lost_submits(wait_reply: dict[str, Any], noack_jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs to submit again after a WAIT: those the router says it does not know (``unknown``) that
+    this client sent without an ACK (their SUBMIT was lost with a router that restarted).  Raises
+    ZmqrunError if it does not know another one."""
+    unknown = wait_reply.get("unknown") or []
+    lost = [noack_jobs[j] for j in unknown if j in noack_jobs]
+    if len(lost) < len(unknown):
+        others = [j for j in unknown if j not in noack_jobs]
+        raise ZmqrunError(f"the router does not know job(s) {', '.join(others[:5])}")
+    return lost
+
+
 def reply_body(cmd: int, body: dict[str, Any]) -> dict[str, Any]:
     """The body of a reply; raises RequestRejected if the router answered with an ERROR."""
     if cmd == P.R_ERROR:
@@ -810,11 +822,7 @@ class Client:
         ids = [i for i in ids if i not in self._outcomes]
         if not ids:
             return
-        unknown = self._request(P.C_WAIT, {"ids": ids}).get("unknown") or []
-        lost = [self._noack_jobs[j] for j in unknown if j in self._noack_jobs]
-        if len(lost) < len(unknown):
-            others = [j for j in unknown if j not in self._noack_jobs]
-            raise ZmqrunError(f"the router does not know job(s) {', '.join(others[:5])}")
+        lost = lost_submits(self._request(P.C_WAIT, {"ids": ids}), self._noack_jobs)
         if lost:
             req = next(self._req)
             self._pending_submits[req] = [d["id"] for d in lost]
