@@ -375,6 +375,15 @@ def test_script_policy_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert ScriptPolicy(None, cwd=str(root)).dirs == [str(root.resolve())]  # default: the working directory
 
 
+def test_a_typo_in_a_module_under_a_package_outside_the_roots_reads_as_not_found(tmp_path: Path) -> None:
+    """A new user's `zmqrun.exmples.demo:fibo` was refused as "module zmqrun ... is not under the roots",
+    which reads like a permission problem: the message says the module was not found."""
+    policy = ScriptPolicy([str(tmp_path), "zmqrun.examples"], cwd=str(tmp_path))
+    why = policy.why_not("zmqrun.exmples.demo:fibo") or ""
+    assert why.startswith("module zmqrun.exmples.demo not found"), why
+    assert (policy.why_not("zmqrun.scripts:load_function") or "").startswith("module zmqrun (")  # exists
+
+
 def test_module_in_the_working_directory_outside_the_roots_is_refused(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression (found by an attacker session): started as the `zmqrun` console script, a worker's
@@ -448,5 +457,6 @@ def test_ipv6_loopback_address_works_end_to_end(zr: Cluster) -> None:
     worker and a client connect to it (an attacker session found the bind failing: no IPV6 option)."""
     zr.start_router(address=f"tcp://[::1]:{free_port()}")
     c = zr.client()
+    assert c.status()["endpoint"].startswith("tcp://[::1]:")
     zr.start_worker(FIBO, name="warm-v6")
     assert c.run(FIBO, {"n": 10}, wait_timeout=30) == 55

@@ -35,7 +35,7 @@ import importlib.util
 import os
 import sys
 from importlib.machinery import PathFinder
-from typing import Sequence
+from typing import Any, Sequence
 
 from .scripts import ScriptError, split_spec
 
@@ -108,7 +108,23 @@ class ScriptPolicy:
             if spec.origin is not None and spec.has_location:
                 real = os.path.realpath(spec.origin)
                 if not any(_inside(real, d) for d in self.dirs):
+                    if name != target and not self._exists(parts, i + 1, spec):
+                        return (f"module {target} not found (and its package {name}, {real}, is not under this "
+                                f"worker's --scripts roots: {self.describe()})")
                     return f"module {name} ({real}) is not under this worker's --scripts roots ({self.describe()})"
             locations = spec.submodule_search_locations
             path = [os.fspath(p) for p in locations] if locations is not None else None
         return None
+
+    @staticmethod
+    def _exists(parts: list[str], start: int, spec: Any) -> bool:
+        """Whether the submodules ``parts[start:]`` exist below ``spec``'s package, found without importing
+        (only to word an error: a typo'd name reads as not found, not as a permission problem)."""
+        for i in range(start, len(parts)):
+            locations = spec.submodule_search_locations
+            if locations is None:
+                return False
+            spec = PathFinder.find_spec(".".join(parts[: i + 1]), [os.fspath(p) for p in locations])
+            if spec is None:
+                return False
+        return True

@@ -566,10 +566,11 @@ class Router:
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.TCP_KEEPALIVE, 1)
         s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
-        # IPV6: tcp://[::1]:PORT binds (and tcp://*:PORT takes both families).  HANDSHAKE_IVL: a
+        # IPV6 for an IPv6 address only (tcp://[::1]:PORT; with it on, an IPv4 bind reports itself as
+        # [::ffff:127.0.0.1] in LAST_ENDPOINT and status).  HANDSHAKE_IVL: a
         # connection that has not finished its ZMTP (and CURVE) handshake in 5 s is dropped (libzmq's
         # default is 30 s), so half-open junk connections cannot hold the router's descriptors for long.
-        s.setsockopt(zmq.IPV6, 1)
+        s.setsockopt(zmq.IPV6, int("[" in self.bind))
         s.setsockopt(zmq.HANDSHAKE_IVL, 5000)
         try:
             s.bind(self.bind)
