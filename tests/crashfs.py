@@ -102,7 +102,12 @@ class CrashFS(RealFS):
     # -- recorded calls ------------------------------------------------------------------
 
     def create(self, path: Path) -> int:
-        fd = super().create(path)
+        return self._created(super().create(path), path)
+
+    def create_at(self, path: Path) -> int:
+        return self._created(super().create_at(path), path)
+
+    def _created(self, fd: int, path: Path) -> int:
         ino = self._new_ino()
         self._fd_ino[fd] = ino
         self._name_ino[Path(path)] = ino
@@ -114,9 +119,19 @@ class CrashFS(RealFS):
         self._fd_ino[fd] = self._name_ino[Path(path)]
         return fd
 
+    def open_at(self, path: Path) -> int:
+        fd = super().open_at(path)
+        self._fd_ino[fd] = self._name_ino[Path(path)]
+        return fd
+
     def write(self, fd: int, data: bytes | memoryview) -> int:
-        offset = os.fstat(fd).st_size  # every fd of the log layer is O_APPEND
+        offset = os.fstat(fd).st_size  # create / open_append fds are O_APPEND
         n = super().write(fd, data)
+        self.ops.append(Op("write", self._fd_ino[fd], offset=offset, data=bytes(data[:n])))
+        return n
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        n = super().pwrite(fd, data, offset)
         self.ops.append(Op("write", self._fd_ino[fd], offset=offset, data=bytes(data[:n])))
         return n
 

@@ -58,9 +58,10 @@ def _recover(data_dir: Path, **kw) -> tuple[JobLog, list[tuple[int, int, bytes]]
 
 
 def _batches(path: Path) -> list[int]:
+    """Offsets of the batches of a segment file; a crashed log's active segment ends in zeros written ahead."""
     data = path.read_bytes()
     out, off = [], joblog.SEGMENT_HEADER_SIZE
-    while off < len(data):
+    while off < len(data) and data.count(0, off) != len(data) - off:
         parsed = joblog.parse_batch_header(data, off)
         assert not isinstance(parsed, str)
         out.append(off)
@@ -260,3 +261,75 @@ def test_damage_in_a_synced_region_before_a_later_batch_is_refused(tmp_path: Pat
     seg.write_bytes(bytes(data))
     with pytest.raises(LogCorruption, match=f"offset {offsets[1]}"):
         _recover(tmp_path)
+
+
+# -- preallocation: zeros written ahead of the active segment's last batch --------------------------------
+
+
+def test_active_segment_has_zeros_ahead_and_a_crash_leaves_them_for_recovery_to_drop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = JobLog(tmp_path, FsyncPolicy("always"))
+    list(log.recover())
+    log.start()
+    seqs = _write(log, [(joblog.SUBMIT, b'{"n": %d}' % i) for i in range(5)])
+    seg = joblog.list_segments(tmp_path)[-1]
+    data_end = log.active_bytes
+    assert seg.stat().st_size == data_end + joblog.PREALLOC_CHUNK  # the zeros are written ahead...
+    assert seg.read_bytes()[data_end:].count(0) == joblog.PREALLOC_CHUNK
+    more = _write(log, [(joblog.FINISH, b'{"n": 9}')])  # ...and the next batch overwrites them in place
+    assert seg.stat().st_size == data_end + joblog.PREALLOC_CHUNK and log.active_bytes > data_end
+    data_end = log.active_bytes
+    log._fd, fd = -1, log._fd  # kill -9: no close, the zeros stay
+    os.close(fd)
+    log.close()
+    caplog.set_level(logging.WARNING, logger="zmqrun.log")
+    again, recs = _recover(tmp_path)
+    assert [seq for seq, _, _ in recs] == [*seqs, *more]
+    assert seg.stat().st_size == data_end
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert seg.name in text and f"offset {data_end}" in text and "zero bytes" in text, text
+    again.close()
+
+
+def test_close_and_roll_cut_the_zeros_written_ahead(tmp_path: Path) -> None:
+    log, _ = _recover(tmp_path, segment_bytes=4096)
+    log.start()
+    for i in range(40):  # ~300 B per batch: several rolls of 4 KiB segments
+        _write(log, [(joblog.SUBMIT, b'{"pad": "%s"}' % (b"x" * 250))])
+        active = joblog.list_segments(tmp_path)[-1]
+        assert active.stat().st_size <= max(4096, log.active_bytes)  # never preallocated past a segment
+        for sealed in joblog.list_segments(tmp_path)[:-1]:  # a sealed segment ends at its last batch
+            data = sealed.read_bytes()
+            _recs, end, problem = joblog.read_segment(sealed, data, None)
+            assert problem is None and end == len(data)
+    log.close()
+    segs = joblog.list_segments(tmp_path)
+    assert len(segs) > 2
+    data = segs[-1].read_bytes()  # closed: cut back too
+    _recs, end, problem = joblog.read_segment(segs[-1], data, None)
+    assert problem is None and end == len(data)
+    again, recs = _recover(tmp_path)
+    assert len(recs) == 40
+    again.close()
+
+
+class _NoRoomFS(joblog.RealFS):
+    """A disk that refuses every write of zeros (ENOSPC) but takes the records."""
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        if len(data) > 64 and bytes(data).count(0) == len(data):
+            raise OSError(28, "No space left on device")
+        return super().pwrite(fd, data, offset)
+
+
+def test_a_failed_preallocation_is_not_a_log_failure(tmp_path: Path) -> None:
+    log = JobLog(tmp_path, FsyncPolicy("always"), fs=_NoRoomFS())
+    list(log.recover())
+    log.start()
+    seqs = _write(log, [(joblog.SUBMIT, b'{"n": 1}')]) + _write(log, [(joblog.SUBMIT, b'{"n": 2}')])
+    assert log.failure is None and log.durable_seq == seqs[-1]
+    assert joblog.list_segments(tmp_path)[-1].stat().st_size == log.active_bytes  # plain appends
+    log.close()
+    again, recs = _recover(tmp_path)
+    assert [seq for seq, _, _ in recs] == seqs
+    again.close()

@@ -70,9 +70,22 @@ class RealFS:
         """Open an existing file for appending; return the fd."""
         return _opening(lambda: os.open(path, os.O_WRONLY | os.O_APPEND))
 
+    def create_at(self, path: Path) -> int:
+        """Create ``path`` (must not exist) for writes at explicit offsets (:meth:`pwrite`), mode 0600; return the fd."""
+        return _opening(lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    def open_at(self, path: Path) -> int:
+        """Open an existing file for writes at explicit offsets (:meth:`pwrite`; not O_APPEND, which
+        Linux applies to ``pwrite`` too); return the fd."""
+        return _opening(lambda: os.open(path, os.O_WRONLY))
+
     def write(self, fd: int, data: bytes | memoryview) -> int:
         """One ``write(2)``; return the bytes written (may be short)."""
         return os.write(fd, data)
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """One ``pwrite(2)`` at byte ``offset``; return the bytes written (may be short)."""
+        return os.pwrite(fd, data, offset)
 
     def fdatasync(self, fd: int) -> None:
         """Make the file's data (and size) durable."""

@@ -35,8 +35,8 @@ rather than varints: simpler and faster to parse in Python, 3 bytes dearer.
 
 Write path (group commit): the router loop calls :meth:`JobLog.append` (a
 deque append, no syscall) for each record and :meth:`JobLog.flush` once per
-loop iteration, which frames every pending record as one batch, ``os.write`` s
-it and, in ``always`` mode and only if an acknowledgement waits on it,
+loop iteration, which frames every pending record as one batch, ``os.pwrite`` s
+it at the segment's end and, in ``always`` mode and only if an acknowledgement waits on it,
 ``os.fdatasync`` s it: every message drained in that iteration shares the sync.
 The loop sends dispatches to workers *before* it syncs, so the worker runs the
 job while the disk syncs.  Records nobody waits on (DISPATCH, FINISH) are
@@ -48,6 +48,14 @@ loop for the GIL at every pyzmq send (~20-25 µs per send instead of ~4), and a
 separate sync process (fdatasync works on the file from any process) avoids the
 GIL but adds wake-ups and context switches: one job in flight took ~595 µs with
 the thread, ~590 µs with the process and ~465 µs with the sync inline.
+
+Preallocation: the active segment keeps up to 1 MiB of zeros written ahead of
+its last batch (:data:`PREALLOC_CHUNK`), so a batch overwrites blocks that are
+allocated and initialized and its fdatasync has no file size or extent change to
+journal (ext4 here: ~95-125 instead of ~130-180 µs p50).  A sealed or closed
+segment is cut back to its last batch; after a crash, recovery drops the zero
+tail like any never-written one.  Positioned writes (``pwrite``) instead of
+``O_APPEND``, which would write after the zeros.
 
 Errors: a failed write or sync is never retried (Linux may mark failed pages
 clean, so a retry can falsely succeed): :attr:`failure` is set, the partial
@@ -89,6 +97,13 @@ MAX_BATCH = 16 * 1024 * 1024  # bytes; a larger body_len is corruption
 WRITE_BATCH_BYTES = 1024 * 1024  # write-side cap per batch (RocksDB groups up to 1 MB)
 WRITE_BATCH_RECORDS = 4096
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+# Zeros written ahead of the active segment's end, so that a batch overwrites allocated, initialized blocks and
+# its fdatasync flushes data only (no size or extent change to journal).  Measured here (ext4, 2 cores): ~95-125
+# vs ~130-180 us p50 per fdatasync; warm-path p50 with --fsync always ~530 vs ~615 us.  Topped up once less than
+# PREALLOC_LOW bytes are left; the first sync after a top-up flushes the zeros once (amortized over the chunk).
+PREALLOC_CHUNK = 1024 * 1024
+PREALLOC_LOW = 256 * 1024
+_ZEROS = bytes(PREALLOC_CHUNK)
 
 _BATCH = struct.Struct("<IIIIQII")  # 32 bytes
 _SEG = struct.Struct("<4sHBBQQI")  # 28 bytes + u32 crc = 32
@@ -460,6 +475,9 @@ class JobLog:
         self._fd = -1
         self._seg_size = 0
         self._synced_size = 0  # bytes of the active segment known durable (fdatasync returned)
+        self._prealloc_end = 0  # end of the zeros written ahead in the active segment (>= _seg_size)
+        self._prealloc_ok = True  # False once a top-up failed (a full disk): plain appends for this segment
+        self._appended = False  # a batch was written to the active segment since it was opened
         self.segments: list[Segment] = []  # every segment present, oldest first; the last is active
         self._firsts: list[int] = []  # first_seq of each segment, for bisection
         self.sealed: list[Segment] = []  # sealed by flush(), not yet handed to the owner
@@ -591,8 +609,9 @@ class JobLog:
                                 "dropped, never synced (so never acknowledged with --fsync always)",
                                 seg.path.name, problem.offset, problem.why, dropped)
                 elif rest.count(0) == dropped:
-                    log.warning("%s: %d zero bytes after offset %d (an unfinished write); truncating",
-                                seg.path.name, dropped, problem.offset)
+                    # The zeros the log writes ahead of its appends (PREALLOC_CHUNK) or an unfinished write.
+                    log.warning("%s: %d zero bytes after offset %d (space written ahead for appends, or an "
+                                "unfinished write); truncating", seg.path.name, dropped, problem.offset)
                 else:
                     log.warning("%s: torn tail at offset %d (%s); truncating, %d bytes dropped",
                                 seg.path.name, problem.offset, problem.why, dropped)
@@ -658,11 +677,12 @@ class JobLog:
         if last is not None and (last.first_seq > self._seq or (last.size < self.segment_bytes and not roll)):
             # (a segment with no record yet is as good as a new one, roll or not)
             seg = self.segments[-1]
-            self._fd = self.fs.open_append(seg.path)
+            self._fd = self.fs.open_at(seg.path)
             # What recovery read back may still sit in the page cache (a kill -9 keeps it): sync it once so
             # the batches written from now on can vouch for it (sync_lag 0).
             self.fs.fdatasync(self._fd)
-            self._seg_size = self._synced_size = seg.size
+            self._seg_size = self._synced_size = self._prealloc_end = seg.size
+            self._prealloc_ok, self._appended = True, False
         else:
             if self.segments:
                 self.segments[-1].last_seq = self._written_seq
@@ -687,6 +707,12 @@ class JobLog:
         if eager:
             self._eager_seq = self._seq
         return self._seq
+
+    @property
+    def active_bytes(self) -> int:
+        """Bytes written to the active segment, header included (its file may be longer by the zeros
+        written ahead, see :data:`PREALLOC_CHUNK`)."""
+        return self._seg_size
 
     @property
     def last_seq(self) -> int:
@@ -717,6 +743,8 @@ class JobLog:
                 self.durable_seq = self._written_seq
             elif (need_durable or self._eager_seq > self.durable_seq) and self.durable_seq < self._written_seq:
                 self._sync()
+            if self._appended and self._prealloc_ok and self._prealloc_end - self._seg_size < PREALLOC_LOW:
+                self._preallocate()  # after the sync: nobody waits on this write
         except OSError as e:
             self._fail(e)
 
@@ -742,11 +770,42 @@ class JobLog:
             self._seg_size += len(frame)
             self._written_seq += len(batch)
             self.batches_written += 1
+        self._appended = True
         if self._unsynced_since is None:
             self._unsynced_since = time.monotonic()
 
+    def _preallocate(self) -> None:
+        """Write zeros ahead of the active segment's data (see PREALLOC_CHUNK), up to ``segment_bytes``.
+
+        Optional: a failure (ENOSPC, EFBIG past RLIMIT_FSIZE, EIO) only stops the top-ups for this
+        segment; the zeros already written stay (recovery drops a zero tail), and the appends that
+        follow hit the same condition and fail the log as they would without preallocation.
+        """
+        start = max(self._prealloc_end, self._seg_size)
+        n = min(PREALLOC_CHUNK, self.segment_bytes - start)
+        if n <= 0:
+            return
+        try:
+            written = self.fs.pwrite(self._fd, memoryview(_ZEROS)[:n], start)
+        except OSError as e:
+            log.info("cannot preallocate log space in %s (%s): appending without it",
+                     self.segments[-1].path.name, e)
+            self._prealloc_ok = False
+            return
+        self._prealloc_end = start + written
+        if written < n:
+            self._prealloc_ok = False
+
+    def _cut_prealloc(self) -> None:
+        """Drop the zeros written ahead (the next sync makes the new size durable): a sealed or closed
+        segment ends at its last batch."""
+        if self._prealloc_end > self._seg_size:
+            self.fs.ftruncate(self._fd, self._seg_size)
+        self._prealloc_end = self._seg_size
+
     def _roll(self) -> None:
         """Seal the active segment (sync, close) and open the next one."""
+        self._cut_prealloc()
         self._sync()
         seg = self.segments[-1]
         seg.last_seq, seg.size = self._written_seq, self._seg_size
@@ -803,6 +862,7 @@ class JobLog:
             self.flush(need_durable=True)
             if self.failure is None:
                 try:
+                    self._cut_prealloc()
                     self._sync()
                 except OSError as e:
                     self.failure = e
@@ -821,13 +881,14 @@ class JobLog:
     def _open_segment(self, first_seq: int) -> None:
         fs = self.fs
         path = self.dir / segment_name(first_seq)
-        fd = fs.create(path)
+        fd = fs.create_at(path)
         head = segment_header(first_seq)
-        fs.write(fd, head)
+        fs.pwrite(fd, head, 0)
         fs.fdatasync(fd)
         fs.fsync_dir(self.dir)
         self._fd = fd
-        self._seg_size = self._synced_size = len(head)
+        self._seg_size = self._synced_size = self._prealloc_end = len(head)
+        self._prealloc_ok, self._appended = True, False
         seg = Segment(first_seq, path)
         seg.size = len(head)
         self.segments.append(seg)
@@ -850,17 +911,20 @@ class JobLog:
             log.error("job log write failed, accepting no more writes: %s", e)
 
     def _write_all(self, frame: bytes) -> None:
-        start = self._seg_size
+        start = pos = self._seg_size
         view = memoryview(frame)
-        write = self.fs.write
+        pwrite, fd = self.fs.pwrite, self._fd
         try:
             while view:
-                n = write(self._fd, view)
+                n = pwrite(fd, view, pos)
                 view = view[n:]
+                pos += n
         except OSError:
-            # ENOSPC or a short write: cut the partial batch off so the tail stays clean.
+            # ENOSPC or a short write: cut the partial batch (and the zeros written ahead) off so the tail
+            # stays clean.
             try:
                 self.fs.ftruncate(self._fd, start)
+                self._prealloc_end = start
             except OSError:
                 pass
             raise
