@@ -662,12 +662,7 @@ class Router:
         jlog = self.log
         if self._dirty:
             self._dirty = False
-            # SUBMITs are written (not synced) before any job they hold is dispatched: a job never runs
-            # while its record is only in memory (a kill -9 then keeps it); the sync waits until after
-            # the dispatch, so workers run while the disk syncs.
-            jlog.write()
-            if jlog.failure is None:
-                self._dispatch(time.time())
+            self._dispatch(time.time())  # writes this iteration's records before it sends a job
         # The rest written (DISPATCH records, results) and, if an ACK or result waits on it, one fdatasync
         # for the whole iteration.
         jlog.flush(need_durable=bool(self._gated))
@@ -1522,6 +1517,13 @@ class Router:
         return acked
 
     def _dispatch(self, now: float) -> None:
+        """Lease due jobs to workers with credit and send them.
+
+        Their DISPATCH records and this iteration's SUBMITs are written (one write, not synced) before
+        the first send: a job never runs while its SUBMIT is only in this process's memory (a kill -9
+        keeps what was written), and the sync that follows in :meth:`_commit` overlaps the worker hop.
+        """
+        leased = []
         for w, jobs in self.queue.dispatch(now):
             self.log.append(DISPATCH, orjson.dumps(
                 {"at": now, "worker": w.name, "jobs": [[j.id, j.attempts] for j in jobs]}))
@@ -1531,7 +1533,12 @@ class Router:
                 acked = self._take_ack(w)
                 if acked is not None:
                     msg["acked"] = acked
-            if not self._send(w.identity, [P.H_JOBS, orjson.dumps(msg)]):
+            leased.append((w, jobs, orjson.dumps(msg)))
+        self.log.write()
+        if self.log.failure is not None:
+            return  # the loop stops on the failure; nothing unwritten may run
+        for w, jobs, body in leased:
+            if not self._send(w.identity, [P.H_JOBS, body]):
                 self._unreachable(w, unsent=frozenset(j.id for j in jobs))
 
     def _beat(self, mono: float) -> None:
