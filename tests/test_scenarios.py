@@ -1,7 +1,7 @@
 """The failure scenarios of failure-scenarios.md (S1-S9) not covered elsewhere, one test (or a few) each.
 
 Covered in other files: S4 (router kill -9 with queued, running and delayed jobs:
-test_retries_tags.py), S6 (unserializable args and results: test_errors.py), S7 (retention:
+test_retries_tags.py; here: a long job through a long outage), S6 (unserializable args and results: test_errors.py), S7 (retention:
 test_storage.py), S8 (shutdown: test_recovery.py, test_errors.py), kill -9 of a dedicated worker
 mid-job (test_timeouts_cancel.py, test_recovery.py).
 
@@ -300,6 +300,34 @@ def test_s2_worker_restarts_with_the_same_or_a_new_identity(zr: Cluster, tmp_pat
     back = [line for line in out.splitlines() if "back to the queue" in line]
     assert len(back) == 1 and "(w-A): 1 running job(s)" in back[0], back
     assert out.count(f"worker {new_name} ready") == (2 if identity == "same" else 1)
+
+
+# -- S4: the router restarts while a worker runs a long job ----------------------------------------
+
+
+def test_s4_long_job_survives_a_long_router_outage_and_runs_once(zr: Cluster, tmp_path: Path) -> None:
+    """S4: a normal worker runs a 14 s job; the router is killed (-9) 0.5 s in and restarted 9 s later
+    with a 2 s recovery lease.  The worker, back within ~1 s of the restart (libzmq's reconnect
+    backoff capped at 1 s; it was 5 s, so after such an outage the worker came back after the
+    lease), names the job it still runs in its READY and gets it back: it is not queued again and
+    run a second time, and its one run's result is the job's.  About 16 s."""
+    runs = tmp_path / "runs.log"
+    zr.start_router(extra=("--recovery-lease", "2"))
+    address = zr.address
+    zr.start_worker(None, name="cold-long")
+    c = zr.client()
+    j = c.submit(f"{_jobs(tmp_path)}:record", {"log": str(runs), "i": 7, "seconds": 14})
+    wait_until(lambda: runs.exists() and runs.read_text().count("\n") == 1, timeout=10, what="the job to start")
+    time.sleep(0.5)
+    zr.router_proc.kill9()
+    time.sleep(9)
+    zr.start_router(address=address, extra=("--recovery-lease", "2"))
+    assert j.result(timeout=30) == 7
+    rec = zr.client().get(j.id)
+    assert rec.status == "success" and rec.attempts == 1 and rec.worker == "cold-long", rec
+    assert runs.read_text().count("\n") == 1, runs.read_text()  # it ran once
+    out = zr.router_proc.output()
+    assert "cold-long still runs 1 job(s)" in out and "back to the queue" not in out, out
 
 
 # -- S3: a worker dies mid-job ---------------------------------------------------------------------

@@ -50,7 +50,9 @@ C_LOGS: Final = 0x07  # {"req", "id", "follow": bool, "from": [attempt, chars] |
 
 # worker -> router
 W_READY: Final = 0x11  # {"script": str|None, "credit": int, "heartbeat": s, "name": str, "pid": int,
-#                          "supervisor": routing id of its supervisor (str) or null}
+#                          "supervisor": routing id of its supervisor (str) or null,
+#                          "running": [[id, attempt], ...] jobs it still runs from before (a router restart or
+#                          a dropped session): the router gives them back to it if their attempt is still open}
 W_RESULT: Final = 0x14  # {"results": [result, ...]}  (MDP FINAL; each result returns one credit)
 W_HEARTBEAT: Final = 0x15
 W_DISCONNECT: Final = 0x16  # empty, or {"unstarted": [id, ...]}: jobs a stopping worker hands back unstarted
@@ -82,6 +84,7 @@ HEARTBEAT_LIVENESS: Final = 3  # missed intervals before a peer is declared dead
 RECONNECT_INITIAL: Final = 1.0  # seconds, doubled up to RECONNECT_MAX, plus jitter
 RECONNECT_MAX: Final = 32.0
 
+RECONNECT_IVL_MAX_MS: Final = 1000  # libzmq's TCP reconnect backoff cap for clients and workers (see configure_peer_socket)
 MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024  # bytes; router MAXMSGSIZE (zmqrun router --max-message-bytes)
 MAX_ARGS_BYTES: Final = 64 * 1024 * 1024  # bytes of a job's args as JSON (router --max-args-bytes, Client max_args_bytes)
 MAX_RESULT_BYTES: Final = 64 * 1024 * 1024  # bytes of a job's result as JSON (worker --max-result-bytes)
@@ -170,6 +173,11 @@ def configure_peer_socket(sock: zmq.Socket, identity: bytes, linger_ms: int = 50
     - LINGER: bounded, so closing never hangs on unsent messages (S8).
     - TCP keepalive: idle NAT/conntrack drops are noticed by the kernel.
     - IPV6: an ``tcp://[::1]:PORT`` address works (IPv4 ones still do).
+    - RECONNECT_IVL 100 ms, RECONNECT_IVL_MAX 1 s: libzmq doubles the retry interval while the router
+      is down; capped at 1 s, a worker is back within ~1.1 s of a router restart however long the
+      outage, inside the router's recovery lease (heartbeat x liveness + 1 s, 4 s by default), so the
+      jobs it kept running are not queued again and run twice (a 5 s cap let them: found by a
+      new-user session after a 25 s outage).  One connect attempt per second is nothing on a LAN.
     """
     sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.setsockopt(zmq.IPV6, 1)
@@ -180,4 +188,4 @@ def configure_peer_socket(sock: zmq.Socket, identity: bytes, linger_ms: int = 50
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)

@@ -274,6 +274,18 @@ class JobQueue:
         job.status = RUNNING  # its heap entry goes stale: it is not dispatched again meanwhile
         return True
 
+    def reclaim(self, w: WorkerSlot, job_id: Any, attempt: Any) -> bool:
+        """Worker ``w``, registering, says it still runs ``attempt`` of ``job_id``: if no worker slot holds
+        that attempt and it is still open (leased after a router restart, or queued again after the worker
+        was lost and not dispatched since; see :meth:`settle`), the job is ``w``'s again, running in its
+        slot and holding one of its credits.  True if taken back."""
+        job = self.jobs.get(job_id) if type(job_id) is str else None
+        if job is None or not self.settle(job, attempt):  # (a job in some worker's slot is not settled here)
+            return False
+        job.worker = w.name
+        w.in_flight[job.id] = job.attempts
+        return True
+
     def expire_leases(self, now: float) -> list[Job]:
         """Queue again (due now) every leased job whose lease ended by ``now``; return them."""
         ended = [jid for jid, until in self.leases.items() if until <= now]

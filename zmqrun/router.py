@@ -392,10 +392,11 @@ class Router:
         self._bytes_since_snap = jlog.replayed_bytes
         if self._to_index:
             self._checkpoint(background=False)
-        log.info("recovered from %s and %d log records (%.1f MB): %d live jobs (%d were running: leased for "
-                 "%.1f s to their workers, then queued again), %d finished",
+        running = (f"{leased} were running: leased for {self.recovery_lease:g} s to their workers to report, "
+                   f"queued again if none does" if leased else "none was running")
+        log.info("recovered from %s and %d log records (%.1f MB): %d live jobs (%s), %d finished",
                  f"snapshot at {after}" if after else "the start of the log", n, jlog.replayed_bytes / 1e6,
-                 len(live), leased, self.recovery_lease, archive.count())
+                 len(live), running, archive.count())
 
     def _archive_replayed(self, job: Job, seq: int) -> None:
         self.archive.add(job, seq, self.log.segment_of(seq))
@@ -727,6 +728,7 @@ class Router:
             self._auth.stop()
         if self.ctx is not None:
             self.ctx.term()
+        log.info("router stopped")
 
     def _fail_log(self) -> int:
         err = f"job log failed ({self.log.failure}); the router accepts no more work and stops"
@@ -1163,6 +1165,14 @@ class Router:
             slot.supervisor = sup.encode()
             self._supervised[slot.supervisor] = ident
         self.queue.add_worker(slot)
+        running = msg.get("running")
+        if type(running) is list and running:
+            # Jobs it kept running while the router restarted or had dropped it: its own again, not run twice.
+            back = [r[0] for r in running[:credit] if type(r) is list and len(r) == 2
+                    and self.queue.reclaim(slot, r[0], r[1])]
+            if back:
+                log.info("worker %s still runs %d job(s) it had before: %s", name, len(back),
+                         ", ".join(back[:5]) + (", ..." if len(back) > 5 else ""))
         if self._lease_cancels:
             self._send_lease_cancels(slot)
         log.info("worker %s ready: %s, credit %d%s", name, script or "any script (cold path)", credit,
@@ -1474,6 +1484,8 @@ class Router:
             del self._supervised[w.supervisor]
         now = time.time()
         back = self.queue.remove_worker(ident, now)
+        if not back:  # (with jobs, _put_back's warning says it)
+            log.info("worker %s gone: %s", w.name, reason)
         if unstarted and back:
             fresh = [j for j in back if j.id in unstarted]
             if fresh:
@@ -1572,7 +1584,8 @@ class Router:
                 back = [(j, j.worker) for j in ended]
                 for j in ended:
                     j.worker = None
-                self._put_back(back, "router restarted and no worker reported the job within its lease", now)
+                self._put_back(back, "router restarted and no worker reported these jobs within the "
+                                     f"{self.recovery_lease:g} s recovery lease (--recovery-lease)", now)
 
     def _unreachable(self, w: WorkerSlot, unsent: frozenset[str] = frozenset()) -> None:
         """A send to ``w`` found its connection gone.  A supervised worker's process was just killed or

@@ -332,6 +332,9 @@ class Worker:
         self._results: list[bytes] = []
         self._done: collections.deque[bytes] = collections.deque()  # from pool threads
         self._active = 0  # jobs running in pool threads
+        # Jobs running in pool threads (id -> attempt), named in READY so that a router that restarted, or
+        # dropped this worker, gives them back to it instead of queueing them again (they would run twice).
+        self._running_jobs: dict[str, int] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -432,9 +435,9 @@ class Worker:
         self._results = [r for _, batch, _ in self._unacked for r in batch] + self._results
         self._unacked.clear()
         self._unacked_bytes = 0
-        ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
-                              "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor,
-                              "tags": self.tags, "untagged": self.untagged})
+        ready_body = {"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
+                      "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor,
+                      "tags": self.tags, "untagged": self.untagged}
         # IMMEDIATE=1: READY waits until a connection to the router exists.
         started, next_warning = time.monotonic(), 5.0
         refused = False
@@ -456,6 +459,8 @@ class Worker:
             return "stopped", False
         self._sock_lock.acquire()
         try:
+            # Built now, not before the wait for a connection: the jobs still running at this moment.
+            ready = orjson.dumps({**ready_body, "running": [[i, a] for i, a in list(self._running_jobs.items())]})
             self._send([P.H_W_READY, ready])
             if self._results:
                 log.info("re-sending %d result(s) the router has not acknowledged", len(self._results))
@@ -526,6 +531,7 @@ class Worker:
                                 continue
                             board.handed(job["id"], job["attempt"])
                         self._active += 1
+                        self._running_jobs[job["id"]] = job["attempt"]
                         self._pool.submit(self._run_pooled, job)  # type: ignore[union-attr]
             elif self._pending:
                 # Stopping: unstarted jobs go back via DISCONNECT, named so their attempt is not counted.
@@ -734,6 +740,7 @@ class Worker:
             self._outputs.pop(job["id"], None)
             if slot >= 0:
                 board.end(slot)  # type: ignore[union-attr]
+            self._running_jobs.pop(job["id"], None)
         self._done.append(data)
         try:
             os.write(self._wake_w, b"\0")
