@@ -302,6 +302,22 @@ def test_router_refuses_a_busy_address_and_a_locked_data_dir(router: Cluster, tm
         assert c.status()["counts"]["finished"] == 0
 
 
+@pytest.mark.parametrize("bind, data, words", [
+    ("garbage", "data", "invalid bind address 'garbage'"),  # not a security matter: not an address at all
+    ("tcp://127.0.0.1:1", "file/data", "Not a directory"),  # names what failed and the data dir
+])
+def test_router_start_errors_name_the_real_problem(tmp_path: Path, bind: str, data: str, words: str) -> None:
+    (tmp_path / "file").write_text("")
+    out = subprocess.run([sys.executable, "-m", "zmqrun", "router", "--bind", bind, "--data-dir",
+                          str(tmp_path / data)], capture_output=True, text=True, timeout=20, env=subprocess_env(),
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("zmqrun: error:") and words in line, line
+    if data != "data":
+        assert f"(data dir {tmp_path / data})" in line, line
+
+
 @pytest.mark.parametrize("option", [{"delay": float("nan")}, {"delay": float("inf")}, {"timeout": float("inf")},
                                     {"timeout": float("nan")}, {"scheduled_for": float("nan")}])
 def test_non_finite_times_are_refused_before_sending(option: dict) -> None:

@@ -144,11 +144,15 @@ def router(bind: str, data_dir: str, fsync: str, heartbeat: float, liveness: int
                           recovery_lease=recovery_lease, sndhwm=sndhwm,
                           max_message_size=max_message_bytes, max_args_bytes=max_args_bytes,
                           curve=router_curve(curve_secret, clients_keys, workers_keys), insecure=insecure)
-    except (LogCorruption, DataDirError, OSError, ValueError) as e:
-        click.echo(f"zmqrun: error: {e}", err=True)
-        sys.exit(2)
     except zmq.ZMQError as e:
         click.echo(f"zmqrun: error: cannot bind {bind}: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        click.echo(f"zmqrun: error: {e.strerror or e}{where} (data dir {data_dir})", err=True)
+        sys.exit(2)
+    except (LogCorruption, DataDirError, ValueError) as e:
+        click.echo(f"zmqrun: error: {e}", err=True)
         sys.exit(2)
     sys.exit(code)
 

@@ -610,8 +610,9 @@ class JobLog:
                                 seg.path.name, problem.offset, problem.why, dropped)
                 elif rest.count(0) == dropped:
                     # The zeros the log writes ahead of its appends (PREALLOC_CHUNK) or an unfinished write.
-                    log.warning("%s: %d zero bytes after offset %d (space written ahead for appends, or an "
-                                "unfinished write); truncating", seg.path.name, dropped, problem.offset)
+                    log.warning("%s: %d zero bytes after offset %d (zeros written ahead for appends, or an "
+                                "unfinished write: no record in them); truncating", seg.path.name, dropped,
+                                problem.offset)
                 else:
                     log.warning("%s: torn tail at offset %d (%s); truncating, %d bytes dropped",
                                 seg.path.name, problem.offset, problem.why, dropped)
