@@ -62,6 +62,7 @@ def test_cli_submit_to_unreachable_router_fails_with_one_line(tmp_path: Path) ->
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("zmqrun: error:"), proc.stderr
+    assert "every connection attempt failed" in lines[0], lines[0]  # why, not only "not reachable"
     assert proc.stdout == ""
 
 

@@ -155,6 +155,9 @@ def test_failure_carries_type_message_and_traceback(router: Cluster, client: Cli
     assert err.message == "boom 42"
     assert 'raise ValueError(f"boom {y}")  # RAISE-LINE' in err.traceback
     assert "failing.py" in err.traceback and "explode" in err.traceback
+    # It starts at the job's own code: zmqrun's frames that called it are left out.
+    first_frame = err.traceback.splitlines()[1]
+    assert "failing.py" in first_frame and "execute.py" not in err.traceback, err.traceback
     rec = client.get(job.id)
     assert rec.status == "failure" and rec.error["type"] == "ValueError" and rec.result is None
     # The worker keeps serving: the same script again, and another one.

@@ -366,7 +366,7 @@ class AsyncClient:
             while True:
                 left = deadline - loop.time()
                 if left <= 0:
-                    raise unreachable(self.address, self.timeout, self._conn.failure()) from None
+                    raise unreachable(self.address, self.timeout, self._conn.unreachable_why()) from None
                 await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, 0.05)
                 if self._closed:

@@ -273,7 +273,7 @@ timeout_option = click.option("--timeout-s", "client_timeout", default=10.0, sho
 @click.option("--tag", default=None, help="run only on workers started with --tag TAG")
 @click.option("--wait", is_flag=True, help="wait and print the result as JSON")
 @click.option("--wait-timeout", default=None, type=click.FloatRange(0, None, min_open=True),
-              help="with --wait: give up waiting after this many seconds (the job stays queued)")
+              help="with --wait: give up waiting after this many seconds (the job itself goes on)")
 @address_option
 @timeout_option
 def submit(script: str, args_json: str | None, delay: float | None, priority: int, timeout: float | None,

@@ -457,6 +457,9 @@ def status_request() -> Call:
 WAIT_SLICE = 0.5  # seconds a waiting client sleeps at most between checks of its connection
 
 
+_CONNECT_RETRIED = int(zmq.EVENT_CONNECT_RETRIED)
+
+
 class ConnectionWatch:
     """Counts the connections a DEALER completed (ZMTP handshakes), through a socket monitor.
 
@@ -474,7 +477,7 @@ class ConnectionWatch:
 
     def __init__(self, sock: zmq.Socket) -> None:
         endpoint = f"inproc://zmqrun-monitor-{os.getpid()}-{next(self._ids)}-{os.urandom(4).hex()}"
-        events = zmq.EVENT_HANDSHAKE_SUCCEEDED
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED
         for e in self._FAILED:
             events |= e
         sock.monitor(endpoint, events)
@@ -484,6 +487,7 @@ class ConnectionWatch:
         self._mon.connect(endpoint)
         self.fd: int = self._mon.FD  # readable (edge-style, as any ZeroMQ socket's) when events may wait
         self.count = 0
+        self.retried = 0  # connection attempts that failed (refused, unreachable, unresolved host)
         self._failure: str | None = None  # the last failed handshake, until one succeeds
 
     def connections(self) -> int:
@@ -491,13 +495,26 @@ class ConnectionWatch:
         mon = self._mon
         while P.has_input(mon):  # once per wait on the hot path: plain ints, no enum arithmetic
             frames = mon.recv_multipart(zmq.NOBLOCK)
-            why = self._FAILED.get(int.from_bytes(frames[0][:2], "little")) if frames and frames[0] else None
+            event = int.from_bytes(frames[0][:2], "little") if frames and frames[0] else 0
+            if event == _CONNECT_RETRIED:
+                self.retried += 1
+                continue
+            why = self._FAILED.get(event)
             if why is None:
                 self.count += 1
                 self._failure = None
             else:
                 self._failure = why
         return self.count
+
+    def unreachable_why(self) -> str | None:
+        """Why no connection to the router exists, for the error after a timeout: a failed handshake, or
+        every connection attempt failing (nothing listening, a host that does not resolve or route)."""
+        why = self.failure()
+        if why is None and self.count == 0 and self.retried:
+            why = ("every connection attempt failed (connection refused, or the host does not resolve or "
+                   "cannot be reached): is a router running at that address?")
+        return why
 
     def failure(self) -> str | None:
         """Why the last handshake with the router failed (e.g. an unknown CURVE key), if it did; None after a
@@ -583,7 +600,7 @@ class Client:
                 # IMMEDIATE=1: no connection to the router yet.
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
-                    raise unreachable(self.address, self.timeout, self._conn.failure()) from None
+                    raise unreachable(self.address, self.timeout, self._conn.unreachable_why()) from None
 
     def _pump(self, timeout_s: float) -> bool:
         """Receive and file every message that arrives within ``timeout_s``; False if none did."""

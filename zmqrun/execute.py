@@ -28,8 +28,17 @@ def error_report(exc: BaseException, tb: bool = True) -> dict[str, str]:
     return {
         "type": type(exc).__name__,
         "message": message[:10_000],
-        "traceback": "".join(traceback.format_exception(exc)) if tb else "",
+        "traceback": "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__))) if tb else "",
     }
+
+
+def _user_frames(tb: Any) -> Any:
+    """``tb`` without its leading frames in this module (run_job, call): a job's traceback starts at the
+    job's own code.  Kept whole if every frame is ours (an error of zmqrun itself)."""
+    first = tb
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb if tb is not None else first
 
 
 def _find_non_finite(value: Any) -> bool:
