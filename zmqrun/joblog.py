@@ -568,8 +568,10 @@ class JobLog:
             for rec in reader:  # streamed batch by batch: replay memory stays at one batch, not one segment
                 n += 1
                 yield rec
-            self.replayed_bytes += reader.size
             problem = reader.problem
+            # The records read, not the file: a zero tail written ahead for appends (PREALLOC_CHUNK, up to
+            # ~1.25 MiB) is no replayed data, and the owner rolls and snapshots by this count.
+            self.replayed_bytes += reader.good_end if problem is not None else reader.size
             if problem is not None and not last and problem.offset > 0 \
                     and segments[i + 1].first_seq == reader.next_seq:
                 # Junk after the last batch of a sealed segment, but the next segment starts right after its

@@ -296,8 +296,9 @@ def _classify_last(sc: SegmentScan, problem: BatchProblem) -> Finding:
                        f"written before any sync covered it (a crash before fdatasync): the router will truncate "
                        f"{n} bytes at offset {problem.offset} on start, none of them acknowledged")
     if sc.zeros:
-        return Finding(WARNING, sc.name, problem.offset, f"zero-filled tail (an unfinished write): the router "
-                       f"will truncate {n} zero bytes at offset {problem.offset} on start")
+        return Finding(WARNING, sc.name, problem.offset, f"zero-filled tail (space the router writes ahead for "
+                       f"appends, or an unfinished write): the router will truncate {n} zero bytes at offset "
+                       f"{problem.offset} on start")
     return Finding(WARNING, sc.name, problem.offset, f"torn tail ({problem.why}): the router will truncate "
                    f"{n} bytes at offset {problem.offset} on start")
 
