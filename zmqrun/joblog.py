@@ -93,7 +93,11 @@ BATCH_MAGIC = 0x5A524231  # "ZRB1"
 SEGMENT_MAGIC = b"ZRSG"
 SEGMENT_VERSION = 2  # 2: terminal records carry what the archive needs (see router)
 CRC_ZLIB32 = 1
-MAX_BATCH = 16 * 1024 * 1024  # bytes; a larger body_len is corruption
+# Bytes; a larger body_len is corruption.  The writer caps a batch at WRITE_BATCH_BYTES *plus one record*, and one
+# record can be a whole message's jobs or one result (args and results up to 64 MiB by default, messages up to
+# --max-message-bytes): a 16 MiB bound made the router refuse its own log after any job with args or a result
+# over ~16 MiB.  So the bound is the field's range; the header CRC is what tells a damaged length.
+MAX_BATCH = 0xFFFFFFFF
 WRITE_BATCH_BYTES = 1024 * 1024  # write-side cap per batch (RocksDB groups up to 1 MB)
 WRITE_BATCH_RECORDS = 4096
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -365,7 +369,8 @@ class SegmentReader:
                     self.problem = BatchProblem(off, parsed, complete=parsed.startswith("batch length"))
                     break
                 body_len, body_crc, bseq, count = parsed
-                body = f.read(body_len)
+                # (a torn tail's body is not read: its length may be far past the end of the file)
+                body = f.read(body_len) if off + BATCH_HEADER_SIZE + body_len <= size else b""
                 if len(body) < body_len:
                     self.problem = BatchProblem(off, "batch body truncated")
                     break
@@ -568,8 +573,10 @@ class JobLog:
             for rec in reader:  # streamed batch by batch: replay memory stays at one batch, not one segment
                 n += 1
                 yield rec
-            self.replayed_bytes += reader.size
             problem = reader.problem
+            # The records read, not the file: a zero tail written ahead for appends (PREALLOC_CHUNK, up to
+            # ~1.25 MiB) is no replayed data, and the owner rolls and snapshots by this count.
+            self.replayed_bytes += reader.good_end if problem is not None else reader.size
             if problem is not None and not last and problem.offset > 0 \
                     and segments[i + 1].first_seq == reader.next_seq:
                 # Junk after the last batch of a sealed segment, but the next segment starts right after its
