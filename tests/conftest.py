@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -360,3 +361,50 @@ def write_script(folder: Path, name: str, source: str) -> Path:
     path = folder / name
     path.write_text(source)
     return path
+
+
+class Submitter(threading.Thread):
+    """Submits ``script`` with args ``args(x)`` and job id ``f"{prefix}-{x}"`` for x = 0, 1, 2, ... until
+    ``stopping`` is set, through a client with ``timeout`` seconds that is replaced whenever the router
+    is unavailable (a fresh client reconnects at once instead of after libzmq's grown interval).
+
+    ``acked`` maps job id -> x for every submit that returned, ``tried`` for every submit attempted,
+    ``unavailable`` counts RouterUnavailable, ``errors`` collects anything else (reported by the test,
+    never swallowed).  Used by the kill -9 loops (test_crash_kill9.py, test_prealloc_chaos.py).
+    """
+
+    def __init__(self, address: str, script: str, prefix: str, timeout: float,
+                 args: Callable[[int], dict[str, Any]] = lambda x: {"x": x}) -> None:
+        super().__init__(name=f"{prefix}-submitter", daemon=True)
+        self.address, self.script, self.prefix, self.timeout, self.args = address, script, prefix, timeout, args
+        self.acked: dict[str, int] = {}
+        self.tried: dict[str, int] = {}
+        self.unavailable = 0
+        self.errors: list[str] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        client: Client | None = None
+        x = 0
+        try:
+            while not self.stopping.is_set():
+                if client is None:
+                    client = Client(self.address, timeout=self.timeout)
+                job_id = f"{self.prefix}-{x}"
+                self.tried[job_id] = x
+                try:
+                    job = client.submit(self.script, self.args(x), job_id=job_id)
+                except RouterUnavailable:  # the router is down (or died before its ACK): not acknowledged
+                    self.unavailable += 1
+                    client.close()
+                    client = None
+                else:
+                    if job.id != job_id:
+                        self.errors.append(f"submit returned id {job.id}, sent {job_id}")
+                    self.acked[job_id] = x
+                x += 1
+        except Exception as e:  # noqa: BLE001 - reported by the test, never swallowed
+            self.errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            if client is not None:
+                client.close()

@@ -24,14 +24,12 @@ from __future__ import annotations
 import collections
 import os
 import random
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Cluster, wait_until, write_script
-from zmqrun import Client, RouterUnavailable
+from conftest import Cluster, Submitter, wait_until, write_script
 
 DOUBLE = """\
 def double(x):
@@ -41,53 +39,6 @@ def double(x):
 SUBMIT_TIMEOUT = 0.1  # seconds: a submit to a dead router fails fast (RouterUnavailable); an ACK takes ~1 ms
 FINISH_TIMEOUT = 90.0  # seconds for every acknowledged job to finish after the last restart
 MAX_ATTEMPTS = 1000  # --max-attempts: router crashes re-dispatch jobs; WorkerLost is not under test here
-
-
-class Submitter(threading.Thread):
-    """Submits ``double(x)`` for x = 0, 1, 2, ... until stopped; records what was acknowledged.
-
-    ``acked`` maps job id -> x for every submit that returned.  ``tried`` maps job id -> x for
-    every submit attempted (acknowledged or not).  ``errors`` collects anything other than the
-    router being unavailable.
-    """
-
-    def __init__(self, address: str, script: str) -> None:
-        super().__init__(name="crash-submitter", daemon=True)
-        self.address = address
-        self.script = script
-        self.acked: dict[str, int] = {}
-        self.tried: dict[str, int] = {}
-        self.unavailable = 0
-        self.errors: list[str] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        client: Client | None = None
-        x = 0
-        try:
-            while not self.stopping.is_set():
-                if client is None:
-                    client = Client(self.address, timeout=SUBMIT_TIMEOUT)
-                job_id = f"k9-{x}"
-                self.tried[job_id] = x
-                try:
-                    job = client.submit(self.script, {"x": x}, job_id=job_id)
-                except RouterUnavailable:
-                    # The router is down (or died before its ACK): not acknowledged.  A fresh
-                    # client reconnects at once instead of after libzmq's grown reconnect interval.
-                    self.unavailable += 1
-                    client.close()
-                    client = None
-                else:
-                    if job.id != job_id:
-                        self.errors.append(f"submit returned id {job.id}, sent {job_id}")
-                    self.acked[job_id] = x
-                x += 1
-        except Exception as e:  # noqa: BLE001 - reported by the test, never swallowed
-            self.errors.append(f"{type(e).__name__}: {e}")
-        finally:
-            if client is not None:
-                client.close()
 
 
 def kill_loop(zr: Cluster, tmp_path: Path, cycles: int) -> None:
@@ -102,7 +53,7 @@ def kill_loop(zr: Cluster, tmp_path: Path, cycles: int) -> None:
     assert address is not None
     zr.start_worker(script, name="crash-worker")
 
-    submitter = Submitter(address, script)
+    submitter = Submitter(address, script, prefix="k9", timeout=SUBMIT_TIMEOUT)
     submitter.start()
     try:
         acked_at_kill = []

@@ -22,14 +22,13 @@ import os
 import random
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Cluster, write_script
-from zmqrun import Client, RouterUnavailable
+from conftest import Cluster, Submitter, write_script
+from zmqrun import Client
 from zmqrun.joblog import read_segment
 from zmqrun.logcheck import check
 
@@ -60,38 +59,6 @@ def assert_healthy(data_dir: Path, where: str, warnings_ok: bool = True) -> None
         rep.close()
 
 
-class Submitter(threading.Thread):
-    """Submits ``double(x)`` with id ``p-x`` until stopped; ``acked`` maps each id whose submit returned to x."""
-
-    def __init__(self, address: str, script: str) -> None:
-        super().__init__(name="prealloc-submitter", daemon=True)
-        self.address, self.script = address, script
-        self.acked: dict[str, int] = {}
-        self.errors: list[str] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        client: Client | None = None
-        x = 0
-        try:
-            while not self.stopping.is_set():
-                if client is None:
-                    client = Client(self.address, timeout=0.2)
-                try:
-                    client.submit(self.script, {"x": x, "pad": "p" * (x % 500)}, job_id=f"p-{x}")
-                except RouterUnavailable:
-                    client.close()
-                    client = None
-                else:
-                    self.acked[f"p-{x}"] = x
-                x += 1
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(f"{type(e).__name__}: {e}")
-        finally:
-            if client is not None:
-                client.close()
-
-
 def kill_loop(zr: Cluster, tmp_path: Path, cycles: int, fsync: str) -> None:
     seed = int(os.environ.get("ZMQRUN_CRASH_SEED") or random.randrange(2**32))
     rng = random.Random(seed)
@@ -103,7 +70,7 @@ def kill_loop(zr: Cluster, tmp_path: Path, cycles: int, fsync: str) -> None:
     address = zr.address
     assert address is not None
     zr.start_worker(script, name="prealloc-worker")
-    submitter = Submitter(address, script)
+    submitter = Submitter(address, script, prefix="p", timeout=0.2, args=lambda x: {"x": x, "pad": "p" * (x % 500)})
     submitter.start()
     zero_tails = 0
     try:
