@@ -372,6 +372,13 @@ def test_zeros_or_garbage_appended_recover_with_a_warning(built: Built, tmp_path
     assert ("zero-filled tail" if tail == "zeros" else "torn tail") in f.what and "700" in f.what
     res = CliRunner().invoke(main, ["log", "check", str(d)])
     assert res.exit_code == 0 and f"offset {size}" in res.output and "with warnings" in res.output
+    # A zero tail (what any crash leaves: the zeros written ahead of the appends) needs no repair; garbage
+    # gets a plan (the router would cut it too).
+    res = CliRunner().invoke(main, ["log", "repair", str(d)])
+    if tail == "zeros":
+        assert res.exit_code == 0 and "nothing to repair" in res.output, res.output
+    else:
+        assert res.exit_code == 1 and f"{last.name}" in res.output, res.output
     assert_recovers_everything(d, built)
     assert last.stat().st_size == size
 

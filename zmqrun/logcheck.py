@@ -588,8 +588,12 @@ def plan_repair(rep: Report) -> RepairPlan:
         return plan
     # Junk after a sealed segment's last batch that the next segment proves hides nothing is not cut here
     # (the router ignores it, or cuts just the junk when it replays that segment).
+    # Nor is a zero-filled tail of the last segment (the zeros the log writes ahead of its appends, left by
+    # any crash): no record is in it, and the router drops it on start.
     g = next((i for i, sc in enumerate(segs) if sc.problem is not None
-              and not (i + 1 < len(segs) and _harmless_junk(sc, sc.problem, segs[i + 1]))), None)
+              and not (i + 1 < len(segs) and _harmless_junk(sc, sc.problem, segs[i + 1]))
+              and not (i + 1 == len(segs) and sc.zeros and sc.later is None and sc.inner is not None
+                       and 0 < sc.problem.offset == sc.inner.offset)), None)
     keep_g_index = True
     if g is None:
         end = segs[-1].end_seq
