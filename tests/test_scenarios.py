@@ -403,7 +403,8 @@ def test_s3_job_that_kills_its_cold_worker_ends_worker_lost_and_the_log_names_ea
     c = zr.client()
     j = c.submit(f"{p}:main")
     for n in (1, 2):
-        w = zr.start_worker(None, name=f"cold-{n}")
+        # Not waited on to register: the job may kill it before a status poll sees it listed.
+        w = zr.start_worker(None, name=f"cold-{n}", wait=False)
         w.popen.wait(20)
         assert w.popen.returncode == -9
     with pytest.raises(JobFailed) as info:
