@@ -49,8 +49,8 @@ separate sync process (fdatasync works on the file from any process) avoids the
 GIL but adds wake-ups and context switches: one job in flight took ~595 µs with
 the thread, ~590 µs with the process and ~465 µs with the sync inline.
 
-Preallocation: the active segment keeps up to 1 MiB of zeros written ahead of
-its last batch (:data:`PREALLOC_CHUNK`), so a batch overwrites blocks that are
+Preallocation: the active segment keeps up to 1.25 MiB of zeros written ahead of
+its last batch (:data:`PREALLOC_CHUNK`, topped up below :data:`PREALLOC_LOW`), so a batch overwrites blocks that are
 allocated and initialized and its fdatasync has no file size or extent change to
 journal (ext4 here: ~95-125 instead of ~130-180 µs p50).  A sealed or closed
 segment is cut back to its last batch; after a crash, recovery drops the zero
