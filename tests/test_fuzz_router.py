@@ -129,31 +129,21 @@ RECIPE = st.one_of([st.tuples(st.just(how), _PARTS[how]) for how in HOWS])  # bu
 
 def mutate_json(rnd: random.Random, values: list[Any], value: Any, depth: int = 0) -> Any:
     """Replace, delete, repeat or add one field somewhere in ``value`` (wrong types in every field)."""
-    if isinstance(value, dict) and value and depth < 4:
-        key = rnd.choice(sorted(value))
-        op = rnd.choice(["replace", "recurse", "recurse", "delete", "add"])
-        out = dict(value)
+    if isinstance(value, (dict, list)) and value and depth < 4:
+        is_dict = isinstance(value, dict)
+        key = rnd.choice(sorted(value)) if is_dict else rnd.randrange(len(value))
+        op = rnd.choice(["replace", "recurse", "recurse", "delete", "grow"])
+        out: Any = dict(value) if is_dict else list(value)
         if op == "replace":
             out[key] = rnd.choice(values)
         elif op == "recurse":
             out[key] = mutate_json(rnd, values, value[key], depth + 1)
         elif op == "delete":
             del out[key]
+        elif is_dict:
+            out[rnd.choice(FIELDS)] = rnd.choice(values)  # add a field
         else:
-            out[rnd.choice(FIELDS)] = rnd.choice(values)
-        return out
-    if isinstance(value, list) and value and depth < 4:
-        i = rnd.randrange(len(value))
-        op = rnd.choice(["replace", "recurse", "recurse", "delete", "dup"])
-        out = list(value)
-        if op == "replace":
-            out[i] = rnd.choice(values)
-        elif op == "recurse":
-            out[i] = mutate_json(rnd, values, value[i], depth + 1)
-        elif op == "delete":
-            del out[i]
-        else:
-            out.insert(i, value[i])
+            out.insert(key, value[key])  # repeat an item
         return out
     return rnd.choice(values)
 

@@ -435,9 +435,6 @@ class Worker:
         self._results = [r for _, batch, _ in self._unacked for r in batch] + self._results
         self._unacked.clear()
         self._unacked_bytes = 0
-        ready_body = {"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
-                      "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor,
-                      "tags": self.tags, "untagged": self.untagged}
         # IMMEDIATE=1: READY waits until a connection to the router exists.
         started, next_warning = time.monotonic(), 5.0
         refused = False
@@ -459,8 +456,11 @@ class Worker:
             return "stopped", False
         self._sock_lock.acquire()
         try:
-            # Built now, not before the wait for a connection: the jobs still running at this moment.
-            ready = orjson.dumps({**ready_body, "running": [[i, a] for i, a in list(self._running_jobs.items())]})
+            # Built now, after the wait for a connection: "running" names the jobs still running at this moment.
+            ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
+                                  "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor,
+                                  "tags": self.tags, "untagged": self.untagged,
+                                  "running": [[i, a] for i, a in list(self._running_jobs.items())]})
             self._send([P.H_W_READY, ready])
             if self._results:
                 log.info("re-sending %d result(s) the router has not acknowledged", len(self._results))
