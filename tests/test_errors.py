@@ -305,6 +305,10 @@ def test_router_refuses_a_busy_address_and_a_locked_data_dir(router: Cluster, tm
 
 @pytest.mark.parametrize("bind, data, words", [
     ("garbage", "data", "invalid bind address 'garbage'"),  # not a security matter: not an address at all
+    ("tcp://127.0.0.1:99999", "data", "invalid bind address"),  # libzmq would listen on port 34463
+    ("tcp://127.0.0.1:5591x", "data", "invalid bind address"),  # ... and on 5591
+    ("tcp://127.0.0.1", "data", "invalid bind address"),  # no port
+    ("udp://127.0.0.1:5598", "data", "invalid bind address"),  # no transport a ROUTER can bind
     ("tcp://127.0.0.1:1", "file/data", "Not a directory"),  # names what failed and the data dir
 ])
 def test_router_start_errors_name_the_real_problem(tmp_path: Path, bind: str, data: str, words: str) -> None:

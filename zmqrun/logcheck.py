@@ -756,8 +756,8 @@ def format_report(rep: Report) -> str:
         if f is not first:
             out.append(f"{'also' if f.severity == ERROR else 'warning'}: {f}")
     if rep.errors:
-        out.append(f"status: CORRUPT (exit 1). `zmqrun log repair {rep.data_dir} --truncate-at-corruption` shows "
-                   "what a cut at the first bad batch drops")
+        out.append(f"status: CORRUPT (exit 1). `zmqrun log repair {rep.data_dir}` shows what a cut at the first "
+                   "bad batch drops (changing nothing); add --truncate-at-corruption to do it")
     elif rep.findings:
         out.append("status: healthy, with warnings (exit 0): the router starts and handles them as described")
     else:
