@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import random
+import select
 import signal
 import socket as _socket
 import subprocess
@@ -81,10 +82,14 @@ DEFAULT_DEDICATED_PREFETCH = 256
 MAX_UNACKED_BYTES = 256 * 1024 * 1024
 
 
-def _result_bytes(job: dict[str, Any], frag: bytes, started: float, finished: float, logs: str) -> bytes:
-    return (b'{"id":' + orjson.dumps(job["id"]) + b',"attempt":' + orjson.dumps(job["attempt"]) + b"," + frag
-            + b',"logs":' + orjson.dumps(logs) + b',"started_at":' + orjson.dumps(started)
-            + b',"finished_at":' + orjson.dumps(finished) + b"}")
+def _result_bytes(job: dict[str, Any], frag: bytes, started: float, finished: float, logs: str,
+                  _dumps: Callable[[Any], bytes] = orjson.dumps) -> bytes:
+    # One format instead of ten concatenations; no logs (the common case) costs no encoding.
+    return _RESULT % (_dumps(job["id"]), _dumps(job["attempt"]), frag, _dumps(logs) if logs else b'""',
+                      _dumps(started), _dumps(finished))
+
+
+_RESULT = b'{"id":%b,"attempt":%b,%b,"logs":%b,"started_at":%b,"finished_at":%b}'
 
 
 def _error_frag(kind: str, message: str) -> bytes:
@@ -230,6 +235,26 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def _drain(sock: zmq.Socket, limit: int) -> list[list[bytes]]:
+    """Every whole message waiting on ``sock`` (at most ``limit``), without blocking: as
+    :func:`zmqrun.protocol.recv_ready`, but a frame's ``more`` flag comes with the frame
+    (``copy=False``) instead of a getsockopt(RCVMORE) per frame, which costs pyzmq an enum
+    lookup (measured: 0.55 µs less per two-frame message, on the warm path's every job)."""
+    out: list[list[bytes]] = []
+    recv, getsockopt = sock.recv, sock.getsockopt
+    while len(out) < limit and getsockopt(_EVENTS) & _POLLIN:
+        frame = recv(P.NOBLOCK, copy=False)
+        frames = [frame.bytes]
+        while frame.more:
+            frame = recv(P.NOBLOCK, copy=False)
+            frames.append(frame.bytes)
+        out.append(frames)
+    return out
+
+
 def check_worker_options(concurrency: int, heartbeat: float, timeout: float | None, tags: tuple[str, ...],
                          untagged: bool | None) -> tuple[list[str], bool]:
     """Validate the options a worker and its supervisor share; return (tags without repeats, whether
@@ -325,6 +350,7 @@ class Worker:
         self.sock: zmq.Socket | None = None
         self._sock_lock = threading.Lock()
         self._in_job = False
+        self._heartbeat_thread = False  # an inline worker without a supervisor heartbeats from a thread
         self._last_send = 0.0
         self._running = True
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
@@ -361,6 +387,7 @@ class Worker:
         if not self._inline:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="zmqrun-job")
         elif self.board is None:  # supervised: the supervisor's heartbeats cover long jobs
+            self._heartbeat_thread = True
             threading.Thread(target=self._heartbeat_during_jobs, name="zmqrun-heartbeat", daemon=True).start()
 
     def stop(self, *_: Any) -> None:
@@ -474,9 +501,14 @@ class Worker:
             sock.close(linger=500)
 
     def _serve(self, sock: zmq.Socket) -> tuple[str, bool]:
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        # An OS poll on the socket's ZMQ_FD (readable when libzmq has commands for it) and the wake pipe,
+        # not zmq.Poller: zmq_poll first polls with timeout 0 and asks EVENTS again (2 system calls,
+        # plus 2 in libzmq's command check) although has_input() just asked, and costs pyzmq a Python
+        # call chain.  Safe because EVENTS (has_input) is always asked right before blocking: it
+        # processes pending commands, so a message that arrives afterwards signals the FD again.
+        poller = select.poll()
+        poller.register(sock.getsockopt(zmq.FD), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         router_expires = time.monotonic() + self.heartbeat * self.liveness
         heard = False
         while True:
@@ -499,7 +531,7 @@ class Worker:
                     # router waits for a heartbeat: it has given up on this session and re-queued our
                     # jobs.  Jobs buffered in the socket meanwhile must not run: register again (S9).
                     return "dropped this frozen worker", heard
-            msgs = P.recv_ready(sock, 10_000)
+            msgs = _drain(sock, 10_000)
             if msgs:
                 heard = True
                 router_expires = time.monotonic() + self.heartbeat * self.liveness
@@ -543,6 +575,12 @@ class Worker:
                 self._send([P.H_W_HEARTBEAT])
 
     def _on_message(self, frames: list[bytes]) -> str | None:
+        if frames and frames[0] == P.H_JOBS:  # the message of every job: one compare instead of the checks below
+            msg = orjson.loads(frames[1])
+            self._pending.extend(msg["jobs"])
+            if "acked" in msg:
+                self._acked(msg["acked"])
+            return None
         if len(frames) < 1 or len(frames[0]) != 5 or frames[0][:4] != P.ROUTER:
             log.warning("ignoring a malformed message from the router")
             return None
@@ -574,14 +612,17 @@ class Worker:
             results, self._results = self._results, []
             self._batch += 1
             body = self._result_prefix % self._batch + b",".join(results) + b"]}"
-            # Kept until acknowledged, sent or not (with no router connected the send is dropped).
-            self._unacked.append((self._batch, results, len(body)))
-            self._unacked_bytes += len(body)
-            while self._unacked_bytes > MAX_UNACKED_BYTES and len(self._unacked) > 1:
-                self._unacked_bytes -= self._unacked.popleft()[2]
-                log.warning("over %d bytes of results not acknowledged by the router: dropped the oldest",
-                            MAX_UNACKED_BYTES)
-            self._send([P.H_W_RESULT, body])
+            # Sent first: the bookkeeping below can wait until the result is on its way (the latency path).
+            try:
+                self._send([P.H_W_RESULT, body])
+            finally:
+                # Kept until acknowledged, sent or not (with no router connected the send is dropped).
+                self._unacked.append((self._batch, results, len(body)))
+                self._unacked_bytes += len(body)
+                while self._unacked_bytes > MAX_UNACKED_BYTES and len(self._unacked) > 1:
+                    self._unacked_bytes -= self._unacked.popleft()[2]
+                    log.warning("over %d bytes of results not acknowledged by the router: dropped the oldest",
+                                MAX_UNACKED_BYTES)
 
     def _flush_split(self) -> None:
         """Send the buffered results as several RESULT messages of about RESULT_MESSAGE_BYTES each, so
@@ -661,7 +702,7 @@ class Worker:
         """
         func, script = self.func, self.script
         board, default_timeout = self.board, self.timeout
-        current = self._inline_output
+        current, hb = self._inline_output, self._heartbeat_thread
         set_output_factory(self._inline_output_for)
         cap = self.max_result_bytes + len(_SUCCESS)
         first_unflushed = 0.0
@@ -677,16 +718,22 @@ class Worker:
                     if self._is_canceled(job):
                         continue
                     board.begin(0, job["id"], job["attempt"], job.get("timeout") or default_timeout)
-                self._in_job = True
-                self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
-                try:
-                    frag, started, finished, logs = run_captured(func, job["args"], job)  # type: ignore[arg-type]
-                finally:
-                    current[0] = None
-                    self._sock_lock.acquire()
-                    self._in_job = False
-                    if board is not None:
-                        board.end(0)
+                if not hb:  # no other thread uses the socket: no lock to hand over (the common, supervised case)
+                    try:
+                        frag, started, finished, logs = run_captured(func, job["args"], job)  # type: ignore[arg-type]
+                    finally:
+                        current[0] = None
+                        if board is not None:
+                            board.end(0)
+                else:
+                    self._in_job = True
+                    self._sock_lock.release()  # the heartbeat thread may use the socket meanwhile
+                    try:
+                        frag, started, finished, logs = run_captured(func, job["args"], job)  # type: ignore[arg-type]
+                    finally:
+                        current[0] = None
+                        self._sock_lock.acquire()
+                        self._in_job = False
                 if len(frag) > cap:
                     frag = result_too_large(frag, cap - len(_SUCCESS))
                 self._results.append(_result_bytes(job, frag, started, finished, logs))
