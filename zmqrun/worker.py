@@ -236,6 +236,10 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_NOBLOCK, _MORE_NOBLOCK = P.NOBLOCK, P.MORE_NOBLOCK
+# pyzmq's send without its Python wrapper (zmq.Socket.send only adds DRAFT routing_id/group handling, which
+# these DEALER sockets never use): one Python frame less per message frame.
+_zsend = zmq.backend.Socket.send
 
 
 def _drain(sock: zmq.Socket, limit: int) -> list[list[bytes]]:
@@ -246,10 +250,10 @@ def _drain(sock: zmq.Socket, limit: int) -> list[list[bytes]]:
     out: list[list[bytes]] = []
     recv, getsockopt = sock.recv, sock.getsockopt
     while len(out) < limit and getsockopt(_EVENTS) & _POLLIN:
-        frame = recv(P.NOBLOCK, copy=False)
+        frame = recv(_NOBLOCK, copy=False)
         frames = [frame.bytes]
         while frame.more:
-            frame = recv(P.NOBLOCK, copy=False)
+            frame = recv(_NOBLOCK, copy=False)
             frames.append(frame.bytes)
         out.append(frames)
     return out
@@ -444,8 +448,13 @@ class Worker:
         A message that cannot go out is dropped: the router re-queues the jobs
         of a worker it loses, so nothing is lost, at worst run again.
         """
+        sock = self.sock
         try:
-            P.send_frames(self.sock, frames)  # type: ignore[arg-type]
+            if len(frames) == 2:  # header and body, as every RESULT: P.send_frames inline, pyzmq's own send
+                _zsend(sock, frames[0], _MORE_NOBLOCK)
+                _zsend(sock, frames[1], _NOBLOCK)
+            else:
+                P.send_frames(sock, frames)  # type: ignore[arg-type]
         except zmq.Again:
             return False
         self._last_send = time.monotonic()
@@ -511,6 +520,7 @@ class Worker:
         poller.register(self._wake_r, select.POLLIN)
         router_expires = time.monotonic() + self.heartbeat * self.liveness
         heard = False
+        getsockopt = sock.getsockopt
         while True:
             if not self._running and not self._pending and self._active == 0:
                 self._flush()
@@ -521,7 +531,7 @@ class Worker:
             # Skip the poll only when there is work to start right now; with every pool
             # slot busy we must block (on the socket or the wake pipe), never spin.
             can_start = self._pending and (self._inline or self._active < self.concurrency)
-            if can_start or P.has_input(sock):
+            if can_start or getsockopt(_EVENTS) & _POLLIN:  # P.has_input inline
                 events = {}
             else:
                 polled = time.monotonic()
@@ -715,7 +725,8 @@ class Worker:
                         first_unflushed = time.monotonic()
                     continue
                 if board is not None:
-                    if self._is_canceled(job):
+                    # The cancel list is looked at only when the supervisor changed it (one word read inline).
+                    if (board.cancel_seq() != self._cancel_seq or self._canceled) and self._is_canceled(job):
                         continue
                     board.begin(0, job["id"], job["attempt"], job.get("timeout") or default_timeout)
                 if not hb:  # no other thread uses the socket: no lock to hand over (the common, supervised case)
@@ -736,11 +747,14 @@ class Worker:
                         self._in_job = False
                 if len(frag) > cap:
                     frag = result_too_large(frag, cap - len(_SUCCESS))
-                self._results.append(_result_bytes(job, frag, started, finished, logs))
-                now = time.monotonic()
-                if len(self._results) == 1:
-                    first_unflushed = now
-                if len(self._results) >= RESULT_FLUSH_COUNT or now - first_unflushed >= RESULT_FLUSH_SECONDS:
+                results = self._results
+                results.append(_result_bytes(job, frag, started, finished, logs))
+                if len(results) == 1:
+                    # The clock is read only if another job follows (alone, the result goes out right after
+                    # this loop).  A first result never fills a batch: RESULT_FLUSH_COUNT and _SECONDS > 0.
+                    if self._pending:
+                        first_unflushed = time.monotonic()
+                elif len(results) >= RESULT_FLUSH_COUNT or time.monotonic() - first_unflushed >= RESULT_FLUSH_SECONDS:
                     self._flush()
         finally:  # a stale factory would give this thread's later jobs (an in-process caller's) to this worker
             set_output_factory(None)
