@@ -346,6 +346,7 @@ class Worker:
         self._slots_taken = itertools.count()
         self._result_prefix = (b'{"worker":' + orjson.dumps(self.name[:200]).replace(b"%", b"%%")
                                + b',"batch":%d,"results":[')
+        self._result_body = self._result_prefix + b'%b]}'  # batch number, results joined by commas
         self._batch = 0  # RESULT messages numbered for the router's acknowledgements
         self._unacked: collections.deque[tuple[int, list[bytes], int]] = collections.deque()  # (n, results, bytes)
         self._unacked_bytes = 0
@@ -518,7 +519,8 @@ class Worker:
         poller = select.poll()
         poller.register(sock.getsockopt(zmq.FD), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        router_expires = time.monotonic() + self.heartbeat * self.liveness
+        monotonic, window = time.monotonic, self.heartbeat * self.liveness
+        router_expires = monotonic() + window
         heard = False
         getsockopt = sock.getsockopt
         while True:
@@ -527,16 +529,16 @@ class Worker:
                 back, self._handed_back = self._handed_back, []
                 self._send([P.H_W_DISCONNECT, orjson.dumps({"unstarted": back})] if back else [P.H_W_DISCONNECT])
                 return "stopped", heard
-            wait = max(0.0, self._last_send + self.heartbeat - time.monotonic())
             # Skip the poll only when there is work to start right now; with every pool
             # slot busy we must block (on the socket or the wake pipe), never spin.
             can_start = self._pending and (self._inline or self._active < self.concurrency)
             if can_start or getsockopt(_EVENTS) & _POLLIN:  # P.has_input inline
                 events = {}
             else:
-                polled = time.monotonic()
+                polled = monotonic()
+                wait = max(0.0, self._last_send + self.heartbeat - polled)
                 events = dict(poller.poll(int(wait * 1000) + 1))
-                if time.monotonic() - polled > wait + self.heartbeat * self.liveness:
+                if monotonic() - polled > wait + window:
                     # This process was frozen (SIGSTOP, a suspended VM) or starved for longer than the
                     # router waits for a heartbeat: it has given up on this session and re-queued our
                     # jobs.  Jobs buffered in the socket meanwhile must not run: register again (S9).
@@ -544,12 +546,12 @@ class Worker:
             msgs = _drain(sock, 10_000)
             if msgs:
                 heard = True
-                router_expires = time.monotonic() + self.heartbeat * self.liveness
+                router_expires = monotonic() + window
                 for frames in msgs:
                     verdict = self._on_message(frames)
                     if verdict:
                         return verdict, heard
-            elif time.monotonic() > router_expires:
+            elif monotonic() > router_expires:
                 # Checked only after draining: the router's heartbeats queue up unread
                 # while a long inline job runs, and must count before we judge it silent.
                 return "went silent", heard
@@ -581,15 +583,16 @@ class Worker:
                 self._pending.clear()
             if self._results:
                 self._flush()
-            if time.monotonic() - self._last_send >= self.heartbeat:
+            if monotonic() - self._last_send >= self.heartbeat:
                 self._send([P.H_W_HEARTBEAT])
 
     def _on_message(self, frames: list[bytes]) -> str | None:
         if frames and frames[0] == P.H_JOBS:  # the message of every job: one compare instead of the checks below
             msg = orjson.loads(frames[1])
             self._pending.extend(msg["jobs"])
-            if "acked" in msg:
-                self._acked(msg["acked"])
+            acked = msg.get("acked")
+            if acked is not None:
+                self._acked(acked)
             return None
         if len(frames) < 1 or len(frames[0]) != 5 or frames[0][:4] != P.ROUTER:
             log.warning("ignoring a malformed message from the router")
@@ -614,25 +617,27 @@ class Worker:
         return None
 
     def _flush(self) -> None:
-        if len(self._results) > 1 and sum(map(len, self._results)) > RESULT_MESSAGE_BYTES:
+        results = self._results
+        if not results:
+            return
+        if len(results) > 1 and sum(map(len, results)) > RESULT_MESSAGE_BYTES:
             self._flush_split()
             return
-        if self._results:
-            # The worker's name rides along so the router can log this body as is (the archive needs it).
-            results, self._results = self._results, []
-            self._batch += 1
-            body = self._result_prefix % self._batch + b",".join(results) + b"]}"
-            # Sent first: the bookkeeping below can wait until the result is on its way (the latency path).
-            try:
-                self._send([P.H_W_RESULT, body])
-            finally:
-                # Kept until acknowledged, sent or not (with no router connected the send is dropped).
-                self._unacked.append((self._batch, results, len(body)))
-                self._unacked_bytes += len(body)
-                while self._unacked_bytes > MAX_UNACKED_BYTES and len(self._unacked) > 1:
-                    self._unacked_bytes -= self._unacked.popleft()[2]
-                    log.warning("over %d bytes of results not acknowledged by the router: dropped the oldest",
-                                MAX_UNACKED_BYTES)
+        self._results = []
+        batch = self._batch = self._batch + 1
+        # The worker's name rides along so the router can log this body as is (the archive needs it).
+        body = self._result_body % (batch, b",".join(results))
+        # Sent first: the bookkeeping below can wait until the result is on its way (the latency path).
+        try:
+            self._send([P.H_W_RESULT, body])
+        finally:
+            # Kept until acknowledged, sent or not (with no router connected the send is dropped).
+            self._unacked.append((batch, results, len(body)))
+            self._unacked_bytes += len(body)
+            while self._unacked_bytes > MAX_UNACKED_BYTES and len(self._unacked) > 1:
+                self._unacked_bytes -= self._unacked.popleft()[2]
+                log.warning("over %d bytes of results not acknowledged by the router: dropped the oldest",
+                            MAX_UNACKED_BYTES)
 
     def _flush_split(self) -> None:
         """Send the buffered results as several RESULT messages of about RESULT_MESSAGE_BYTES each, so
