@@ -597,13 +597,8 @@ class Worker:
         if len(frames) < 1 or len(frames[0]) != 5 or frames[0][:4] != P.ROUTER:
             log.warning("ignoring a malformed message from the router")
             return None
-        cmd = frames[0][4]
-        if cmd == P.R_JOBS:
-            msg = orjson.loads(frames[1])
-            self._pending.extend(msg["jobs"])
-            if "acked" in msg:
-                self._acked(msg["acked"])
-        elif cmd == P.R_HEARTBEAT:
+        cmd = frames[0][4]  # not R_JOBS: its header is H_JOBS, taken above
+        if cmd == P.R_HEARTBEAT:
             if len(frames) > 1 and frames[1]:
                 msg = orjson.loads(frames[1])
                 if isinstance(msg, dict):
