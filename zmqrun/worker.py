@@ -749,11 +749,10 @@ class Worker:
                     frag = result_too_large(frag, cap - len(_SUCCESS))
                 results = self._results
                 results.append(_result_bytes(job, frag, started, finished, logs))
-                if len(results) == 1:
-                    # The clock is read only if another job follows (alone, the result goes out right after
-                    # this loop).  A first result never fills a batch: RESULT_FLUSH_COUNT and _SECONDS > 0.
-                    if self._pending:
-                        first_unflushed = time.monotonic()
+                if not self._pending:  # the buffer emptied: out now, before this loop and the caller's unwind
+                    self._flush()
+                elif len(results) == 1:  # a first result never fills a batch (RESULT_FLUSH_COUNT and _SECONDS > 0)
+                    first_unflushed = time.monotonic()
                 elif len(results) >= RESULT_FLUSH_COUNT or time.monotonic() - first_unflushed >= RESULT_FLUSH_SECONDS:
                     self._flush()
         finally:  # a stale factory would give this thread's later jobs (an in-process caller's) to this worker
