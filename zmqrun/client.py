@@ -77,7 +77,7 @@ class Job:
         :class:`JobFailed` if the job failed or was canceled, ``TimeoutError`` if
         ``timeout`` passes first, :class:`RouterUnavailable` if the router stops answering.
         """
-        return self._client._wait_results([self.id], timeout)[0]
+        return self._client._wait_one(self.id, timeout)
 
     def get(self) -> JobRecord:
         """The job's current record (see :meth:`Client.get`)."""
@@ -458,6 +458,7 @@ WAIT_SLICE = 0.5  # seconds a waiting client sleeps at most between checks of it
 
 
 _CONNECT_RETRIED = int(zmq.EVENT_CONNECT_RETRIED)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 class ConnectionWatch:
@@ -560,6 +561,7 @@ class Client:
         self._sock.connect(self.address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._rcvtimeo = -1  # the socket's RCVTIMEO in ms, as _recv_one last set it (libzmq's default: -1)
         self._req = itertools.count(1)
         self._replies: dict[int, tuple[int, dict[str, Any]]] = {}
         self._abandoned: set[int] = set()  # requests sent twice and answered: a second answer is dropped
@@ -608,6 +610,42 @@ class Client:
         if not P.has_input(sock) and not self._poller.poll(max(0, int(timeout_s * 1000))):
             return False
         msgs = P.recv_ready(sock, 100_000)
+        self._file(msgs)
+        return bool(msgs)
+
+    def _recv_one(self, timeout_s: float) -> bool:
+        """Receive and file the next message, waiting up to ``timeout_s`` seconds for it; False if none came.
+
+        For a wait on one job: a blocking recv (RCVTIMEO) sleeps in libzmq's own poll of its mailbox,
+        where :meth:`_pump` (an EVENTS check, zmq_poll's two passes with an EVENTS check each, and the
+        EVENTS check that ends its drain; each check a poll and a getpid) cost 6 more poll syscalls per
+        ``run()`` (strace, warm path).  Messages are not drained: the caller loops, and a message
+        already queued is returned without a syscall.
+        """
+        sock = self._sock
+        ms = max(0, int(timeout_s * 1000))
+        if ms != self._rcvtimeo:
+            sock.setsockopt(_RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            # copy=False: the Frame carries libzmq's MORE flag, read in C; a getsockopt(RCVMORE) per
+            # frame costs ~0.8 µs in pyzmq (it looks the option up in an enum first).
+            frame = sock.recv(copy=False)
+        except zmq.Again:
+            return False
+        frames = [frame.bytes]
+        while frame.more:  # the rest of a message is there with its first frame
+            frame = sock.recv(P.NOBLOCK, copy=False)
+            frames.append(frame.bytes)
+        self._file((frames,))
+        return True
+
+    def _file(self, msgs: Iterable[list[bytes]]) -> None:
+        """File router messages (frames each): outcomes, log chunks for followers, request replies.
+
+        Raises RequestRejected for a router ERROR that answers no request, orjson.JSONDecodeError for a
+        body that is not JSON.
+        """
         for frames in msgs:
             msg = read_router_message(frames)
             if msg is None:
@@ -637,7 +675,6 @@ class Client:
                         self._replies[req] = (cmd, body)
                 elif cmd == P.R_ERROR:
                     raise RequestRejected(f"router error: {body.get('error')}")
-        return bool(msgs)
 
     def _evict_unclaimed(self) -> None:
         """Drop the oldest outcomes nobody is waiting on, so a producer that never reads results stays bounded."""
@@ -749,7 +786,7 @@ class Client:
         try:
             self._send(P.C_SUBMIT, noack_submit(req, [d]))
             self._watching.add(d["id"])
-            return self._wait_results([d["id"]], wait_timeout)[0]
+            return self._wait_one(d["id"], wait_timeout)
         finally:
             self._pending_submits.pop(req, None)
             self._noack_jobs.pop(d["id"], None)
@@ -846,11 +883,51 @@ class Client:
             self._send(P.C_SUBMIT, noack_submit(req, lost))
 
     def _wait_results(self, ids: list[str], timeout: float | None) -> list[Any]:
+        if len(ids) == 1:
+            return [self._wait_one(ids[0], timeout)]
         self._claimed.update(ids)
         try:
             return self._wait_loop(ids, timeout)
         finally:
             self._claimed.difference_update(ids)
+
+    def _wait_one(self, jid: str, timeout: float | None) -> Any:
+        """The result of job ``jid`` (what ``_wait_results([jid], timeout)[0]`` returns, raising the same).
+
+        :meth:`_wait_loop` for one id, step for step (a reask first if ``jid`` is not watched, then after a
+        reconnection or a quiet spell of the client timeout; TimeoutError after ``timeout`` seconds), with
+        less work per job: the next message is most likely the result, so each step waits for one
+        message in a blocking recv (:meth:`_recv_one`), and no generator or list is built per check.
+        """
+        outcomes = self._outcomes
+        self._claimed.add(jid)
+        try:
+            self._reconnected()
+            if jid not in outcomes and jid not in self._watching:
+                self._reask([jid])
+                self._watching.add(jid)
+            now = time.monotonic()
+            deadline = None if timeout is None else now + timeout
+            quiet_since = now
+            self._arrived.clear()
+            while jid not in outcomes:
+                slice_s = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+                if deadline is not None and slice_s <= 0:
+                    raise TimeoutError(f"job(s) {jid} not finished within {timeout:g} s")
+                if self._recv_one(slice_s):
+                    if jid in outcomes:
+                        break
+                    quiet_since = time.monotonic()
+                if self._reconnected() or time.monotonic() - quiet_since >= self.timeout:
+                    # As in _wait_loop: the router may have restarted (and forgotten that we wait), or gone.
+                    self._reask([jid])
+                    if jid not in outcomes:
+                        self._watching.add(jid)
+                    quiet_since = time.monotonic()
+            self._watching.discard(jid)
+            return outcome_value(jid, outcomes.pop(jid), False)
+        finally:
+            self._claimed.discard(jid)
 
     def _wait_loop(self, ids: list[str], timeout: float | None) -> list[Any]:
         self._reconnected()
