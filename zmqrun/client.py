@@ -207,6 +207,8 @@ def _finite_seconds(value: Any, name: str) -> float:
 def _encode_args(args: Any, max_args_bytes: int = P.MAX_ARGS_BYTES) -> dict[str, Any]:
     if args is None:
         return {}
+    if type(args) is dict and not args:
+        return args  # no keyword arguments (e.g. a no-op job): nothing to check, no encoding to measure
     if not isinstance(args, dict):
         raise TypeError(f"job args must be a dict of keyword arguments, not {type(args).__name__}")
     data = encode_json(args, "job args")  # raises TypeError (sets, objects, NaN, non-string keys) before any send
