@@ -610,8 +610,12 @@ class Client:
 
     def _send(self, cmd: int, body: dict[str, Any]) -> None:
         frames = encode_request(cmd, body)
+        sock = self._sock
         try:
-            P.send_frames(self._sock, frames)  # connected: the common case, no deadline to compute
+            # Connected, the common case: no deadline to compute.  The two frames of encode_request,
+            # without send_frames' loop (only the first can raise Again: the second follows it).
+            sock.send(frames[0], P.MORE_NOBLOCK)
+            sock.send(frames[1], P.NOBLOCK)
         except zmq.Again:
             self._send_frames(frames, time.monotonic() + self.timeout)
 
@@ -659,8 +663,20 @@ class Client:
         while frame.more:  # the rest of a message is there with its first frame
             frame = sock.recv(P.NOBLOCK, copy=False)
             frames.append(frame.bytes)
-        self._file((frames,))
+        if len(frames) == 2 and frames[0] == P.H_RESULT:
+            self._file_results(orjson.loads(frames[1])["results"])  # the common case, read directly
+        else:
+            self._file((frames,))
         return True
+
+    def _file_results(self, results: list[dict[str, Any]]) -> None:
+        """File the outcomes of a RESULT message; evict the oldest unclaimed ones past ``max_unclaimed``."""
+        outcomes, arrived = self._outcomes, self._arrived
+        for r in results:
+            outcomes[r["id"]] = r
+            arrived.append(r["id"])
+        if len(outcomes) - len(self._claimed) > self.max_unclaimed:
+            self._evict_unclaimed()
 
     def _file(self, msgs: Iterable[list[bytes]]) -> None:
         """File router messages (frames each): outcomes, log chunks for followers, request replies.
@@ -674,11 +690,7 @@ class Client:
                 continue  # not a router message: ignore
             cmd, body = msg
             if cmd == P.R_RESULT:
-                for r in body["results"]:
-                    self._outcomes[r["id"]] = r
-                    self._arrived.append(r["id"])
-                if len(self._outcomes) - len(self._claimed) > self.max_unclaimed:
-                    self._evict_unclaimed()
+                self._file_results(body["results"])
             elif cmd == P.R_LOGS:
                 for inbox in self._follows.get(body.get("id"), ()):
                     inbox.append(body)
