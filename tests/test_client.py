@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+import zmq
 
-from conftest import FIBO, Cluster, write_script
-from zmqrun import Client, JobFailed
+from conftest import FIBO, Cluster, wait_until, write_script
+from zmqrun import Client, JobFailed, RequestRejected
+from zmqrun import protocol as P
+from zmqrun.client import ConnectionWatch
 
 ECHO = "zmqrun.examples.demo:main"
 FAIL = "zmqrun.examples.demo:fail"
@@ -150,3 +156,118 @@ def test_map_with_jobs_not_yet_sent_survives_a_quiet_spell(router: Cluster, tmp_
     router.start_worker("slowjob.py:main", cwd=tmp_path, prefetch=0)
     c = router.client(timeout=0.5)
     assert c.map("slowjob.py:main", [{"s": 0.8}, {"s": 0.8}], window=1) == [0.8, 0.8]
+
+
+# -- the one-job wait (run(), Job.result()) against a scripted router socket: no router process --------
+
+
+class _ScriptedRouter:
+    """A ROUTER socket on loopback that answers each job of a client SUBMIT with ``answer(request, job)``,
+    a list of messages (each a list of frames), from a thread; stopped by :meth:`close`."""
+
+    def __init__(self, answer: Any) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.answer = answer
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            ident, header, body = self.sock.recv_multipart()
+            if header == P.header(P.CLIENT, P.C_SUBMIT):
+                request = orjson.loads(body)
+                for job in request["jobs"]:
+                    for msg in self.answer(request, job):
+                        self.sock.send_multipart([ident, *msg])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close(0)
+
+
+def _result_msg(job_id: str, value: Any) -> list[bytes]:
+    return [P.H_RESULT, orjson.dumps({"results": [{"id": job_id, "status": "success", "result": value}]})]
+
+
+def test_run_skips_malformed_and_other_messages_before_its_result() -> None:
+    """The one-job wait reads one message at a time: a 3-frame message, a 1-frame one, a result of
+    another job and an unknown reply come first, whole (no frame is read as part of the next message),
+    then the job's result."""
+    router = _ScriptedRouter(lambda request, job: [
+        [P.H_RESULT, b"{}", b"extra frame"],
+        [b"lone"],
+        _result_msg("someone-else", 0),
+        [P.H_REPLY, orjson.dumps({"req": 10_000})],
+        _result_msg(job["id"], {"n": job["args"]["n"]}),
+    ])
+    try:
+        with Client(router.address, timeout=5) as c:
+            for n in range(3):
+                assert c.run("m:f", {"n": n}, wait_timeout=10) == {"n": n}
+            assert c.job("someone-else").result(timeout=1) == 0  # filed while run() waited
+    finally:
+        router.close()
+
+
+def test_run_reports_a_refused_job_and_times_out_when_nothing_comes() -> None:
+    def answer(request: dict[str, Any], job: dict[str, Any]) -> list[list[bytes]]:
+        if job["script"] != "refused:f":
+            return []  # silent
+        return [[P.H_ACK, orjson.dumps({"req": request["req"], "rejected": [{"id": job["id"], "error": "no such script"}]})]]
+
+    router = _ScriptedRouter(answer)
+    try:
+        with Client(router.address, timeout=5) as c:
+            with pytest.raises(RequestRejected, match="no such script"):
+                c.run("refused:f")
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                c.run("silent:f", wait_timeout=0.7)  # longer than one wait slice (0.5 s)
+            assert 0.6 < time.monotonic() - t0 < 5
+    finally:
+        router.close()
+
+
+def test_connection_watch_counts_a_reconnection_after_idle_checks() -> None:
+    """connections() skips the EVENTS check while the monitor's FD shows nothing new: a connection
+    completed after such idle checks (a router back on the same address) is still counted."""
+    ctx = zmq.Context.instance()
+    first = ctx.socket(zmq.ROUTER)
+    first.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{first.bind_to_random_port('tcp://127.0.0.1')}"
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RECONNECT_IVL, 50)
+    watch = ConnectionWatch(dealer)
+    second = None
+    try:
+        dealer.connect(address)
+        wait_until(lambda: watch.connections() == 1, timeout=10, what="the first connection")
+        assert [watch.connections() for _ in range(3)] == [1, 1, 1]  # idle checks
+        first.close(0)
+        second = ctx.socket(zmq.ROUTER)
+        second.setsockopt(zmq.LINGER, 0)
+        wait_until(lambda: _bound(second, address), timeout=10, what="the address to be free again")
+        wait_until(lambda: watch.connections() == 2, timeout=10, what="the reconnection to be counted")
+    finally:
+        watch.close()
+        dealer.close(0)
+        first.close(0)
+        if second is not None:
+            second.close(0)
+
+
+def _bound(sock: zmq.Socket, address: str) -> bool:
+    try:
+        sock.bind(address)
+    except zmq.ZMQError:
+        return False
+    return True

@@ -13,6 +13,7 @@ import datetime as _dt
 import itertools
 import math
 import os
+import select
 import socket as _socket
 import time
 from typing import Any, Callable, Container, Iterable, Iterator
@@ -77,7 +78,7 @@ class Job:
         :class:`JobFailed` if the job failed or was canceled, ``TimeoutError`` if
         ``timeout`` passes first, :class:`RouterUnavailable` if the router stops answering.
         """
-        return self._client._wait_results([self.id], timeout)[0]
+        return self._client._wait_one(self.id, timeout)
 
     def get(self) -> JobRecord:
         """The job's current record (see :meth:`Client.get`)."""
@@ -206,6 +207,8 @@ def _finite_seconds(value: Any, name: str) -> float:
 def _encode_args(args: Any, max_args_bytes: int = P.MAX_ARGS_BYTES) -> dict[str, Any]:
     if args is None:
         return {}
+    if type(args) is dict and not args:
+        return args  # no keyword arguments (e.g. a no-op job): nothing to check, no encoding to measure
     if not isinstance(args, dict):
         raise TypeError(f"job args must be a dict of keyword arguments, not {type(args).__name__}")
     data = encode_json(args, "job args")  # raises TypeError (sets, objects, NaN, non-string keys) before any send
@@ -281,6 +284,8 @@ def run_job_dict(script: str, args: Any, opts: dict[str, Any], max_args_bytes: i
 
     Raises TypeError for an option submit does not take, else what :func:`job_dict` raises.
     """
+    if not opts:  # the common case: the defaults, without eight pops and keyword passing
+        return job_dict(script, args, 0, None, None, None, None, max_args_bytes=max_args_bytes)
     d = job_dict(script, args, opts.pop("priority", 0), opts.pop("scheduled_for", None), opts.pop("delay", None),
                  opts.pop("timeout", None), opts.pop("job_id", None), retries=opts.pop("retries", 0),
                  backoff=opts.pop("backoff", None), tag=opts.pop("tag", None), max_args_bytes=max_args_bytes)
@@ -458,6 +463,7 @@ WAIT_SLICE = 0.5  # seconds a waiting client sleeps at most between checks of it
 
 
 _CONNECT_RETRIED = int(zmq.EVENT_CONNECT_RETRIED)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 class ConnectionWatch:
@@ -489,11 +495,23 @@ class ConnectionWatch:
         self.count = 0
         self.retried = 0  # connection attempts that failed (refused, unreachable, unresolved host)
         self._failure: str | None = None  # the last failed handshake, until one succeeds
+        # See connections(): a poll of the FD, where select.poll exists (not on Windows).
+        self._fd_poll = select.poll() if hasattr(select, "poll") else None
+        if self._fd_poll is not None:
+            self._fd_poll.register(self.fd, select.POLLIN)
+        self._drained = False  # the last connections() read every event (nothing queued for us since)
 
     def connections(self) -> int:
         """How many connections the socket completed so far (counting the events read now)."""
+        # Once per wait on the hot path.  After a drain that ended with no input, libzmq queues a
+        # command for the monitor socket (its FD turns readable) as soon as a new event is written, so
+        # an FD that is not readable means no new event: one poll syscall, where getsockopt(EVENTS)
+        # processes commands with a poll and a getpid and looks the option up in pyzmq's enum (~1 µs more).
+        if self._drained and self._fd_poll is not None and not self._fd_poll.poll(0):
+            return self.count
+        self._drained = False
         mon = self._mon
-        while P.has_input(mon):  # once per wait on the hot path: plain ints, no enum arithmetic
+        while P.has_input(mon):  # plain ints, no enum arithmetic
             frames = mon.recv_multipart(zmq.NOBLOCK)
             event = int.from_bytes(frames[0][:2], "little") if frames and frames[0] else 0
             if event == _CONNECT_RETRIED:
@@ -505,6 +523,7 @@ class ConnectionWatch:
                 self._failure = None
             else:
                 self._failure = why
+        self._drained = True
         return self.count
 
     def unreachable_why(self) -> str | None:
@@ -560,6 +579,7 @@ class Client:
         self._sock.connect(self.address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._rcvtimeo = -1  # the socket's RCVTIMEO in ms, as _recv_one last set it (libzmq's default: -1)
         self._req = itertools.count(1)
         self._replies: dict[int, tuple[int, dict[str, Any]]] = {}
         self._abandoned: set[int] = set()  # requests sent twice and answered: a second answer is dropped
@@ -589,7 +609,15 @@ class Client:
         self.close()
 
     def _send(self, cmd: int, body: dict[str, Any]) -> None:
-        self._send_frames(encode_request(cmd, body), time.monotonic() + self.timeout)
+        frames = encode_request(cmd, body)
+        sock = self._sock
+        try:
+            # Connected, the common case: no deadline to compute.  The two frames of encode_request,
+            # without send_frames' loop (only the first can raise Again: the second follows it).
+            sock.send(frames[0], P.MORE_NOBLOCK)
+            sock.send(frames[1], P.NOBLOCK)
+        except zmq.Again:
+            self._send_frames(frames, time.monotonic() + self.timeout)
 
     def _send_frames(self, frames: list[bytes], deadline: float) -> None:
         while True:
@@ -608,17 +636,61 @@ class Client:
         if not P.has_input(sock) and not self._poller.poll(max(0, int(timeout_s * 1000))):
             return False
         msgs = P.recv_ready(sock, 100_000)
+        self._file(msgs)
+        return bool(msgs)
+
+    def _recv_one(self, timeout_s: float) -> bool:
+        """Receive and file the next message, waiting up to ``timeout_s`` seconds for it; False if none came.
+
+        For a wait on one job: a blocking recv (RCVTIMEO) sleeps in libzmq's own poll of its mailbox,
+        where :meth:`_pump` (an EVENTS check, zmq_poll's two passes with an EVENTS check each, and the
+        EVENTS check that ends its drain; each check a poll and a getpid) cost 6 more poll syscalls per
+        ``run()`` (strace, warm path).  Messages are not drained: the caller loops, and a message
+        already queued is returned without a syscall.
+        """
+        sock = self._sock
+        ms = max(0, int(timeout_s * 1000))
+        if ms != self._rcvtimeo:
+            sock.setsockopt(_RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            # copy=False: the Frame carries libzmq's MORE flag, read in C; a getsockopt(RCVMORE) per
+            # frame costs ~0.8 µs in pyzmq (it looks the option up in an enum first).
+            frame = sock.recv(copy=False)
+        except zmq.Again:
+            return False
+        frames = [frame.bytes]
+        while frame.more:  # the rest of a message is there with its first frame
+            frame = sock.recv(P.NOBLOCK, copy=False)
+            frames.append(frame.bytes)
+        if len(frames) == 2 and frames[0] == P.H_RESULT:
+            self._file_results(orjson.loads(frames[1])["results"])  # the common case, read directly
+        else:
+            self._file((frames,))
+        return True
+
+    def _file_results(self, results: list[dict[str, Any]]) -> None:
+        """File the outcomes of a RESULT message; evict the oldest unclaimed ones past ``max_unclaimed``."""
+        outcomes, arrived = self._outcomes, self._arrived
+        for r in results:
+            outcomes[r["id"]] = r
+            arrived.append(r["id"])
+        if len(outcomes) - len(self._claimed) > self.max_unclaimed:
+            self._evict_unclaimed()
+
+    def _file(self, msgs: Iterable[list[bytes]]) -> None:
+        """File router messages (frames each): outcomes, log chunks for followers, request replies.
+
+        Raises RequestRejected for a router ERROR that answers no request, orjson.JSONDecodeError for a
+        body that is not JSON.
+        """
         for frames in msgs:
             msg = read_router_message(frames)
             if msg is None:
                 continue  # not a router message: ignore
             cmd, body = msg
             if cmd == P.R_RESULT:
-                for r in body["results"]:
-                    self._outcomes[r["id"]] = r
-                    self._arrived.append(r["id"])
-                if len(self._outcomes) - len(self._claimed) > self.max_unclaimed:
-                    self._evict_unclaimed()
+                self._file_results(body["results"])
             elif cmd == P.R_LOGS:
                 for inbox in self._follows.get(body.get("id"), ()):
                     inbox.append(body)
@@ -637,7 +709,6 @@ class Client:
                         self._replies[req] = (cmd, body)
                 elif cmd == P.R_ERROR:
                     raise RequestRejected(f"router error: {body.get('error')}")
-        return bool(msgs)
 
     def _evict_unclaimed(self) -> None:
         """Drop the oldest outcomes nobody is waiting on, so a producer that never reads results stays bounded."""
@@ -743,16 +814,17 @@ class Client:
         comes only once the job is durable, so it acknowledges the submit too.
         """
         d = run_job_dict(script, args, opts, self.max_args_bytes)
+        jid = d["id"]
         req = next(self._req)
-        self._noack_jobs[d["id"]] = d
-        self._pending_submits[req] = [d["id"]]
+        self._noack_jobs[jid] = d
+        self._pending_submits[req] = [jid]
         try:
             self._send(P.C_SUBMIT, noack_submit(req, [d]))
-            self._watching.add(d["id"])
-            return self._wait_results([d["id"]], wait_timeout)[0]
+            self._watching.add(jid)
+            return self._wait_one(jid, wait_timeout)
         finally:
             self._pending_submits.pop(req, None)
-            self._noack_jobs.pop(d["id"], None)
+            self._noack_jobs.pop(jid, None)
 
     def map(self, script: str, iterable: Iterable[dict[str, Any] | None], *, batch_size: int = 1000,
             window: int = 10_000, priority: int = 0, timeout: float | None = None,
@@ -846,11 +918,51 @@ class Client:
             self._send(P.C_SUBMIT, noack_submit(req, lost))
 
     def _wait_results(self, ids: list[str], timeout: float | None) -> list[Any]:
+        if len(ids) == 1:
+            return [self._wait_one(ids[0], timeout)]
         self._claimed.update(ids)
         try:
             return self._wait_loop(ids, timeout)
         finally:
             self._claimed.difference_update(ids)
+
+    def _wait_one(self, jid: str, timeout: float | None) -> Any:
+        """The result of job ``jid`` (what ``_wait_results([jid], timeout)[0]`` returns, raising the same).
+
+        :meth:`_wait_loop` for one id, step for step (a reask first if ``jid`` is not watched, then after a
+        reconnection or a quiet spell of the client timeout; TimeoutError after ``timeout`` seconds), with
+        less work per job: the next message is most likely the result, so each step waits for one
+        message in a blocking recv (:meth:`_recv_one`), and no generator or list is built per check.
+        """
+        outcomes = self._outcomes
+        self._claimed.add(jid)
+        try:
+            self._reconnected()
+            if jid not in outcomes and jid not in self._watching:
+                self._reask([jid])
+                self._watching.add(jid)
+            now = time.monotonic()
+            deadline = None if timeout is None else now + timeout
+            quiet_since = now
+            self._arrived.clear()
+            while jid not in outcomes:
+                slice_s = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+                if deadline is not None and slice_s <= 0:
+                    raise TimeoutError(f"job(s) {jid} not finished within {timeout:g} s")
+                if self._recv_one(slice_s):
+                    if jid in outcomes:
+                        break
+                    quiet_since = time.monotonic()
+                if self._reconnected() or time.monotonic() - quiet_since >= self.timeout:
+                    # As in _wait_loop: the router may have restarted (and forgotten that we wait), or gone.
+                    self._reask([jid])
+                    if jid not in outcomes:
+                        self._watching.add(jid)
+                    quiet_since = time.monotonic()
+            self._watching.discard(jid)
+            return outcome_value(jid, outcomes.pop(jid), False)
+        finally:
+            self._claimed.discard(jid)
 
     def _wait_loop(self, ids: list[str], timeout: float | None) -> list[Any]:
         self._reconnected()

@@ -920,9 +920,13 @@ class JobLog:
 
     def _write_all(self, frame: bytes) -> None:
         start = pos = self._seg_size
-        view = memoryview(frame)
         pwrite, fd = self.fs.pwrite, self._fd
         try:
+            n = pwrite(fd, frame, pos)
+            if n == len(frame):
+                return  # the common case: one whole write, no view to slice
+            view = memoryview(frame)[n:]
+            pos += n
             while view:
                 n = pwrite(fd, view, pos)
                 view = view[n:]

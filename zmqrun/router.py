@@ -1302,10 +1302,7 @@ class Router:
         module docstring.
         """
         by_client: dict[bytes, tuple[int, list[dict[str, Any]]]] = {}
-        self.archive.add_batch([job for job, _out in done], end_seq)
-        forget = self.queue.remove
         for job, out in done:
-            forget(job.id)
             if job.watchers:
                 if out is None:
                     out = job.outcome()
@@ -1320,6 +1317,12 @@ class Router:
                 job.watchers = None
         for c, (gate, outs) in by_client.items():
             self._send_gated(gate, c, [P.H_RESULT, orjson.dumps({"results": outs})])
+        # The bookkeeping after the sends: a waiting client's latency does not include it (nothing reads
+        # the archive or the queue before this returns).
+        self.archive.add_batch([job for job, _out in done], end_seq)
+        forget = self.queue.remove
+        for job, _out in done:
+            forget(job.id)
         if self._big:
             self._forget_big([job for job, _out in done], end_seq)
         if self._live or self._followers:
