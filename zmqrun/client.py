@@ -610,12 +610,12 @@ class Client:
 
     def _send(self, cmd: int, body: dict[str, Any]) -> None:
         frames = encode_request(cmd, body)
-        sock = self._sock
+        send = P.RAW_SEND
         try:
             # Connected, the common case: no deadline to compute.  The two frames of encode_request,
             # without send_frames' loop (only the first can raise Again: the second follows it).
-            sock.send(frames[0], P.MORE_NOBLOCK)
-            sock.send(frames[1], P.NOBLOCK)
+            send(self._sock, frames[0], P.MORE_NOBLOCK)
+            send(self._sock, frames[1], P.NOBLOCK)
         except zmq.Again:
             self._send_frames(frames, time.monotonic() + self.timeout)
 
