@@ -271,3 +271,12 @@ def _bound(sock: zmq.Socket, address: str) -> bool:
     except zmq.ZMQError:
         return False
     return True
+
+
+def test_a_negative_or_non_numeric_wait_timeout_is_refused(router: Cluster) -> None:
+    c = router.client()
+    for bad in (-1, float("nan"), "5", True):
+        with pytest.raises(ValueError, match="wait timeout"):
+            c.run(ECHO, {"text": "x"}, wait_timeout=bad)
+        with pytest.raises(ValueError, match="wait timeout"):
+            c.wait(["a", "b"], timeout=bad)

@@ -330,6 +330,35 @@ def test_s4_long_job_survives_a_long_router_outage_and_runs_once(zr: Cluster, tm
     assert "cold-long still runs 1 job(s)" in out and "back to the queue" not in out, out
 
 
+def test_s4_buffered_jobs_dropped_at_a_router_restart_are_not_charged_an_attempt(zr: Cluster, tmp_path: Path) -> None:
+    """S4 (found by a new-user session): a dedicated worker of concurrency 2 runs two 3 s jobs and holds
+    three more sent ahead in its buffer; the router is killed (-9) and restarted 1 s later, with
+    --max-attempts 1.  The worker drops the buffered jobs with its old session and names them in its
+    READY (``unstarted``): they go back to the queue at once, their attempt not counted, and run.  (They
+    used to stay leased until the lease ran out and were then charged the attempt: with --max-attempts 1
+    they failed WorkerLost without ever running.)  Every job runs once, with attempts 1.  About 8 s."""
+    runs = tmp_path / "runs.log"
+    script = f"{_jobs(tmp_path)}:record"
+    extra = ("--recovery-lease", "4", "--max-attempts", "1")
+    zr.start_router(extra=extra)
+    address = zr.address
+    zr.start_worker(script, name="warm-c2", concurrency=2)
+    c = zr.client()
+    jobs = [c.submit(script, {"log": str(runs), "i": i, "seconds": 3.0 if i < 2 else 0.1}) for i in range(5)]
+    wait_until(lambda: runs.exists() and runs.read_text().count("\n") == 2, timeout=10, what="two jobs to start")
+    time.sleep(0.3)
+    zr.router_proc.kill9()
+    time.sleep(1)
+    zr.start_router(address=address, extra=extra)
+    assert [j.result(timeout=30) for j in jobs] == list(range(5))
+    for j in jobs:
+        rec = zr.client().get(j.id)
+        assert rec.status == "success" and rec.attempts == 1, rec
+    assert sorted(int(i) for i in runs.read_text().split()[::2]) == [0, 1, 2, 3, 4]  # each ran once
+    out = zr.router_proc.output()
+    assert "warm-c2 dropped 3 buffered job(s) unstarted" in out and "back to the queue" not in out, out
+
+
 # -- S3: a worker dies mid-job ---------------------------------------------------------------------
 
 

@@ -294,6 +294,13 @@ def run_job_dict(script: str, args: Any, opts: dict[str, Any], max_args_bytes: i
     return d
 
 
+def check_wait_timeout(timeout: Any) -> None:
+    """Raise ValueError unless ``timeout`` (seconds to wait for results) is None or a number >= 0."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0):
+        raise ValueError(f"a wait timeout must be None (no limit) or a number of seconds >= 0, not {timeout!r}")
+
+
 def check_map_options(batch_size: int, window: int) -> None:
     """Raise ValueError unless ``batch_size`` and ``window`` (jobs) are at least 1."""
     if batch_size < 1 or window < 1:
@@ -813,6 +820,7 @@ class Client:
         :meth:`Job.result` raise.  The router sends no separate ACK: the result
         comes only once the job is durable, so it acknowledges the submit too.
         """
+        check_wait_timeout(wait_timeout)  # before anything is sent
         d = run_job_dict(script, args, opts, self.max_args_bytes)
         jid = d["id"]
         req = next(self._req)
@@ -934,6 +942,7 @@ class Client:
         less work per job: the next message is most likely the result, so each step waits for one
         message in a blocking recv (:meth:`_recv_one`), and no generator or list is built per check.
         """
+        check_wait_timeout(timeout)
         outcomes = self._outcomes
         self._claimed.add(jid)
         try:
@@ -965,6 +974,7 @@ class Client:
             self._claimed.discard(jid)
 
     def _wait_loop(self, ids: list[str], timeout: float | None) -> list[Any]:
+        check_wait_timeout(timeout)
         self._reconnected()
         missing = [i for i in ids if i not in self._outcomes]
         if missing and not all(i in self._watching for i in missing):

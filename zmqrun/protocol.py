@@ -52,7 +52,9 @@ C_LOGS: Final = 0x07  # {"req", "id", "follow": bool, "from": [attempt, chars] |
 W_READY: Final = 0x11  # {"script": str|None, "credit": int, "heartbeat": s, "name": str, "pid": int,
 #                          "supervisor": routing id of its supervisor (str) or null,
 #                          "running": [[id, attempt], ...] jobs it still runs from before (a router restart or
-#                          a dropped session): the router gives them back to it if their attempt is still open}
+#                          a dropped session): the router gives them back to it if their attempt is still open,
+#                          "unstarted": [[id, attempt], ...] jobs it had buffered and dropped unstarted when its
+#                          last session ended: queued again without counting the attempt, if it is still open}
 W_RESULT: Final = 0x14  # {"results": [result, ...]}  (MDP FINAL; each result returns one credit)
 W_HEARTBEAT: Final = 0x15
 W_DISCONNECT: Final = 0x16  # empty, or {"unstarted": [id, ...]}: jobs a stopping worker hands back unstarted

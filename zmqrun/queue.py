@@ -286,6 +286,26 @@ class JobQueue:
         w.in_flight[job.id] = job.attempts
         return True
 
+    def give_back(self, job_id: Any, attempt: Any, now: float) -> Job | None:
+        """A registering worker says it dropped ``attempt`` of ``job_id`` from its buffer without starting
+        it (its session with the router ended first).  If no worker slot holds that attempt and it is
+        still open (leased after a router restart, or queued again and not dispatched since; see
+        :func:`attempt_open`), the attempt does not count: the job is queued (due at ``now`` if it was
+        leased) with one attempt less, and returned.  Else None."""
+        job = self.jobs.get(job_id) if type(job_id) is str else None
+        if job is None or type(attempt) is not int or job.attempts != attempt:
+            return None
+        if job.status == RUNNING:
+            if job.id not in self.leases:
+                return None  # in a worker's slot: that worker's to report
+            del self.leases[job.id]
+            job.worker = None
+            self.add(job, now)
+        elif not attempt_open(job, attempt):
+            return None
+        job.attempts -= 1
+        return job
+
     def expire_leases(self, now: float) -> list[Job]:
         """Queue again (due now) every leased job whose lease ended by ``now``; return them."""
         ended = [jid for jid, until in self.leases.items() if until <= now]

@@ -643,7 +643,9 @@ class Router:
                     continue
                 raise
             if ready:
-                self._drain(sock)  # checks EVENTS itself: cheap when only the wake pipe fired
+                # zmq_poll listed the socket (first, if at all) only with a whole message waiting: the drain
+                # need not ask EVENTS before its first recv.
+                self._drain(sock, ready[0][0] is sock)
                 if len(ready) > 1 or ready[0][0] == self._wake_r:
                     os.read(self._wake_r, 512)  # a signal arrived: drain its byte(s)
             if not self._commit():
@@ -688,10 +690,10 @@ class Router:
                 self._checkpoint()  # segments sealed while the child ran: index them now (no snapshot)
         return True
 
-    def _drain(self, sock: zmq.Socket) -> None:
+    def _drain(self, sock: zmq.Socket, ready: bool = False) -> None:
         if self._guard is not None:
             return self._drain_authenticated(sock)
-        msgs = P.recv_ready(sock, MAX_DRAIN)
+        msgs = P.recv_ready(sock, MAX_DRAIN, ready)
         handle = self._handle
         for frames in msgs:
             handle(frames)
@@ -1154,8 +1156,14 @@ class Router:
         wtags = frozenset(tags) | ({None} if untagged else frozenset())
         if not wtags:
             raise BadRequest("READY without tags must take untagged jobs")
+        # Jobs the worker had buffered and dropped unstarted when its last session ended: [[id, attempt]].
+        dropped = msg.get("unstarted")
+        dropped = [u for u in dropped if type(u) is list and len(u) == 2] if type(dropped) is list else []
+        why_dropped = "dropped unstarted from its buffer when it lost the router; not counted"
         if ident in self.queue.workers:
-            self._lose_worker(ident, "worker re-registered")
+            self._lose_worker(ident, "worker re-registered", unstarted=frozenset(u[0] for u in dropped
+                                                                                  if type(u[0]) is str),
+                              why_unstarted=why_dropped)
         name = str(msg.get("name") or ident.decode("utf-8", "replace"))[:200]
         slot = WorkerSlot(ident, name, script, credit, float(beat), time.monotonic() + beat * self.liveness,
                           tags=wtags)
@@ -1173,6 +1181,15 @@ class Router:
             if back:
                 log.info("worker %s still runs %d job(s) it had before: %s", name, len(back),
                          ", ".join(back[:5]) + (", ..." if len(back) > 5 else ""))
+        if dropped:
+            # Leased after a router restart (or queued again when this worker was lost): back in the queue
+            # without the attempt, instead of charging it when the lease runs out.
+            now = time.time()
+            back = [job for jid, attempt in dropped if (job := self.queue.give_back(jid, attempt, now)) is not None]
+            if back:
+                self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True, "jobs": [
+                    [job.id, job.attempts + 1, f"worker re-registered ({name}); {why_dropped}"] for job in back]}))
+                log.info("worker %s dropped %d buffered job(s) unstarted: queued again, not counted", name, len(back))
         if self._lease_cancels:
             self._send_lease_cancels(slot)
         log.info("worker %s ready: %s, credit %d%s", name, script or "any script (cold path)", credit,

@@ -346,6 +346,9 @@ class Worker:
         # Jobs running in pool threads (id -> attempt), named in READY so that a router that restarted, or
         # dropped this worker, gives them back to it instead of queueing them again (they would run twice).
         self._running_jobs: dict[str, int] = {}
+        # [id, attempt] of jobs buffered but not started when a session ended (dropped then): named in the next
+        # READY so the router queues them again without charging the attempt; cleared once a router heard it.
+        self._dropped: list[list[Any]] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -393,6 +396,7 @@ class Worker:
                     break
                 if heard:
                     backoff = P.RECONNECT_INITIAL
+                    self._dropped.clear()  # that router read our READY
                 if outcome in ("disconnect", "dropped this frozen worker"):
                     delay = 0.05  # the router asked us to re-register (or would have): it is alive
                 else:
@@ -447,6 +451,9 @@ class Worker:
         worker' (this process did not run for longer than the liveness window: the router has given
         up on it)."""
         self.sock = sock = self._open()
+        # Jobs buffered but not started are dropped with the old session (the router may have restarted, or
+        # given them to another worker); the READY below names them, so they are not charged an attempt.
+        self._dropped.extend([job["id"], job["attempt"]] for job in self._pending)
         self._pending.clear()
         # Results the last router never acknowledged go out again right after READY.
         self._results = [r for _, batch, _ in self._unacked for r in batch] + self._results
@@ -477,7 +484,8 @@ class Worker:
             ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
                                   "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor,
                                   "tags": self.tags, "untagged": self.untagged,
-                                  "running": [[i, a] for i, a in list(self._running_jobs.items())]})
+                                  "running": [[i, a] for i, a in list(self._running_jobs.items())],
+                                  "unstarted": self._dropped})
             self._send([P.H_W_READY, ready])
             if self._results:
                 log.info("re-sending %d result(s) the router has not acknowledged", len(self._results))
