@@ -616,10 +616,11 @@ class JobLog:
                                 "dropped, never synced (so never acknowledged with --fsync always)",
                                 seg.path.name, problem.offset, problem.why, dropped)
                 elif rest.count(0) == dropped:
-                    # The zeros the log writes ahead of its appends (PREALLOC_CHUNK) or an unfinished write.
-                    log.warning("%s: %d zero bytes after offset %d (zeros written ahead for appends, or an "
-                                "unfinished write: no record in them); truncating", seg.path.name, dropped,
-                                problem.offset)
+                    # The zeros the log writes ahead of its appends (PREALLOC_CHUNK), which every crash leaves,
+                    # or an unfinished write: no record in them, so not a warning (a new user read it as damage).
+                    log.info("%s: %d zero bytes after offset %d cut off (space written ahead for appends, or an "
+                             "unfinished write: no record in them; normal after a crash)", seg.path.name, dropped,
+                             problem.offset)
                 else:
                     log.warning("%s: torn tail at offset %d (%s); truncating, %d bytes dropped",
                                 seg.path.name, problem.offset, problem.why, dropped)
