@@ -280,3 +280,36 @@ def test_a_negative_or_non_numeric_wait_timeout_is_refused(router: Cluster) -> N
             c.run(ECHO, {"text": "x"}, wait_timeout=bad)
         with pytest.raises(ValueError, match="wait timeout"):
             c.wait(["a", "b"], timeout=bad)
+
+
+@pytest.mark.parametrize("kill", ["sigkill", "sigterm"])
+def test_a_wait_raises_router_unavailable_about_one_timeout_after_the_router_stops(zr: Cluster, kill: str) -> None:
+    """A waiting result() whose router stops 0.5 s into the wait raises RouterUnavailable about one client
+    timeout (3 s) after the stop: the socket monitor saw the connection drop.  (It took a quiet spell of
+    the timeout and then a question that waited a timeout more: ~5.7 s here, found by a new-user session.)"""
+    from zmqrun import RouterUnavailable
+
+    zr.start_router()
+    c = zr.client(timeout=3)
+    job = c.submit("nobody.serves:this")  # no worker: it stays queued, the wait hears nothing
+    router = zr.router_proc
+    stopped: list[float] = []
+
+    def stop() -> None:
+        time.sleep(0.5)
+        if kill == "sigkill":
+            router.kill9()
+        else:
+            router.stop()
+        stopped.append(time.monotonic())
+
+    t = threading.Thread(target=stop)
+    t.start()
+    try:
+        with pytest.raises(RouterUnavailable, match="within 3 s"):
+            job.result(timeout=60)
+        raised = time.monotonic()
+    finally:
+        t.join(15)
+    assert stopped, "the router was not stopped"
+    assert 2.5 < raised - stopped[0] < 4.6, f"RouterUnavailable {raised - stopped[0]:.2f} s after the router stopped"
