@@ -626,12 +626,8 @@ class Client:
 
     def _send(self, cmd: int, body: dict[str, Any]) -> None:
         frames = encode_request(cmd, body)
-        send = P.RAW_SEND
         try:
-            # Connected, the common case: no deadline to compute.  The two frames of encode_request,
-            # without send_frames' loop (only the first can raise Again: the second follows it).
-            send(self._sock, frames[0], P.MORE_NOBLOCK)
-            send(self._sock, frames[1], P.NOBLOCK)
+            P.send_frames(self._sock, frames)  # connected, the common case: no deadline to compute
         except zmq.Again:
             self._send_frames(frames, time.monotonic() + self.timeout)
 

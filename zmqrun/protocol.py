@@ -28,7 +28,7 @@ job log: the logs the job log keeps are those of the final RESULT.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Callable, Final
 
 import zmq
 
@@ -156,9 +156,14 @@ def has_input(sock: zmq.Socket) -> bool:
     return bool(sock.getsockopt(_EVENTS) & _POLLIN)
 
 
+def sender(sock: zmq.Socket) -> Callable[[Any, int], Any]:
+    """``sock``'s send(frame, flags): :data:`RAW_SEND` bound to it for a real zmq.Socket, else its own."""
+    return RAW_SEND.__get__(sock) if type(sock) is zmq.Socket else sock.send
+
+
 def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
     """Send a multipart message without blocking; raises zmq.Again (no connection) or zmq.ZMQError."""
-    send = sock.send
+    send = sender(sock)
     for f in frames[:-1]:
         send(f, MORE_NOBLOCK)
     send(frames[-1], NOBLOCK)

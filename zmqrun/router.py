@@ -63,7 +63,7 @@ BIG_JOB_BYTES = 64 * 1024
 MAX_BACKLOG = 1_000_000  # messages held per peer at its HWM; beyond that the oldest are dropped (counted)
 LEASE_CANCEL_TTL = 3600.0  # seconds a stop for a canceled leased job waits for its worker to register again
 MAX_LEASE_CANCELS = 10_000  # such stops kept per worker name
-_MORE, _LAST, _RAW_SEND = P.MORE_NOBLOCK, P.NOBLOCK, P.RAW_SEND
+_MORE, _LAST = P.MORE_NOBLOCK, P.NOBLOCK
 MAX_DRAIN = 5000  # messages handled per wake-up before the loop services the log and timers
 FAILED_GRACE = 1.0  # seconds a router whose log failed answers requests with the error before it exits
 
@@ -777,8 +777,7 @@ class Router:
         """
         if self._backlog and ident in self._backlog:
             return self._hold(ident, frames)  # behind what already waits for this peer
-        sock = self.sock
-        send = _RAW_SEND.__get__(sock) if type(sock) is zmq.Socket else sock.send  # type: ignore[union-attr]
+        send = P.sender(self.sock)  # type: ignore[arg-type]
         try:
             # Plain ints, not pyzmq's enum flags: enum arithmetic costs µs per frame here.
             send(ident, _MORE)

@@ -233,12 +233,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_NOBLOCK, _MORE_NOBLOCK = P.NOBLOCK, P.MORE_NOBLOCK
-_zsend = P.RAW_SEND  # pyzmq's send without its Python wrapper (see protocol.RAW_SEND)
-
-
 def check_worker_options(concurrency: int, heartbeat: float, timeout: float | None, tags: tuple[str, ...],
                          untagged: bool | None) -> tuple[list[str], bool]:
     """Validate the options a worker and its supervisor share; return (tags without repeats, whether
@@ -433,13 +427,8 @@ class Worker:
         A message that cannot go out is dropped: the router re-queues the jobs
         of a worker it loses, so nothing is lost, at worst run again.
         """
-        sock = self.sock
         try:
-            if len(frames) == 2 and type(sock) is zmq.Socket:  # header and body, as every RESULT: P.send_frames
-                _zsend(sock, frames[0], _MORE_NOBLOCK)  # inline, through pyzmq's own send (not a test's stand-in)
-                _zsend(sock, frames[1], _NOBLOCK)
-            else:
-                P.send_frames(sock, frames)  # type: ignore[arg-type]
+            P.send_frames(self.sock, frames)  # type: ignore[arg-type]
         except zmq.Again:
             return False
         self._last_send = time.monotonic()
@@ -510,7 +499,6 @@ class Worker:
         monotonic, window = time.monotonic, self.heartbeat * self.liveness
         router_expires = monotonic() + window
         heard = False
-        getsockopt = sock.getsockopt
         while True:
             if not self._running and not self._pending and self._active == 0:
                 self._flush()
@@ -523,7 +511,7 @@ class Worker:
             ready = False  # a message is known to be waiting: recv_ready need not ask EVENTS first
             if can_start:
                 events = {}
-            elif getsockopt(_EVENTS) & _POLLIN:  # P.has_input inline
+            elif P.has_input(sock):
                 events, ready = {}, True
             else:
                 polled = monotonic()
@@ -536,7 +524,7 @@ class Worker:
                     # The FD also wakes for libzmq's internal commands: as zmq_poll does, only a message (or
                     # the wake pipe, or the timeout) ends the wait.  Waking early with none would judge a
                     # router silent before the answer to what we just sent could come.
-                    if getsockopt(_EVENTS) & _POLLIN:
+                    if P.has_input(sock):
                         ready = True
                         break
                     left = until - monotonic()
