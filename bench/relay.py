@@ -6,11 +6,19 @@ workers announce themselves with one ``READY`` frame and get requests round
 robin. ``--mode c`` runs ``zmq.proxy`` (ROUTER front, DEALER back) in C.
 Both bind ``tcp://127.0.0.1:*`` and print ``READY front=<ep> back=<ep>``.
 High-water marks are 0 (unbounded): the client bounds what is in flight.
+
+``--sync-dir DIR`` (py mode) makes it the *durability floor*: each request's
+body is also written to a preallocated file in DIR and, once per drain of the
+client socket, one ``fdatasync`` covers them (group commit) before the loop
+goes on, so no reply leaves before its request is on disk.  The worker runs
+while the sync is in flight, as in zmqrun's router.  It is what persisting
+each job costs on this machine with no bookkeeping at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import struct
 import time
 from collections import deque
@@ -26,8 +34,29 @@ def _bind(sock: zmq.Socket) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def run_py(ctx: zmq.Context) -> None:
-    """Python Poller relay. Client frames: [client_id, hdr, body]; to worker: [wid, client_id, hdr, body]."""
+SYNC_FILE_BYTES = 16 << 20
+"""Size of the durability floor's preallocated file (bytes); writes wrap around inside it."""
+
+
+def _sync_file(sync_dir: str) -> int:
+    """A file of :data:`SYNC_FILE_BYTES` zeros, written and synced once (as zmqrun preallocates its
+    log segment), so each later write overwrites allocated blocks and its fdatasync changes no metadata."""
+    path = os.path.join(sync_dir, f"relay-log-{os.getpid()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    zeros = bytes(1 << 20)
+    for _ in range(SYNC_FILE_BYTES >> 20):
+        os.write(fd, zeros)
+    os.fsync(fd)
+    return fd
+
+
+def run_py(ctx: zmq.Context, sync_dir: str | None = None) -> None:
+    """Python Poller relay. Client frames: [client_id, hdr, body]; to worker: [wid, client_id, hdr, body].
+
+    ``sync_dir``: also write each request body to a preallocated file there and fdatasync once per
+    drain of the client socket (the durability floor, see the module docstring)."""
+    fd = _sync_file(sync_dir) if sync_dir else -1
+    offset = 0
     front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     print(f"READY front={_bind(front)} back={_bind(back)}", flush=True)
     poller = zmq.Poller()
@@ -53,16 +82,26 @@ def run_py(ctx: zmq.Context) -> None:
                 else:
                     front.send_multipart(msg[1:])
         if front in events:
+            forwarded = 0
             while True:
                 try:
                     msg = front.recv_multipart(NOBLOCK)
                 except again:
                     break
+                if fd >= 0:  # written before it is sent, as zmqrun writes a job's SUBMIT before dispatch
+                    body = msg[-1]
+                    if offset + len(body) > SYNC_FILE_BYTES:
+                        offset = 0
+                    os.pwrite(fd, body, offset)
+                    offset += len(body)
+                    forwarded += 1
                 if not workers:
                     backlog.append(msg)
                     continue
                 rr = (rr + 1) % len(workers)
                 back.send_multipart([workers[rr], *msg])
+            if forwarded:
+                os.fdatasync(fd)  # one sync for the whole drain; replies are read only after it
 
 
 def run_c(ctx: zmq.Context) -> None:
@@ -126,9 +165,16 @@ class RelayClient:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mode", choices=("py", "c"), default="py")
+    ap.add_argument("--sync-dir", default=None,
+                    help="py mode: write each request there and fdatasync once per drain (durability floor)")
     args = ap.parse_args()
+    if args.sync_dir and args.mode != "py":
+        ap.error("--sync-dir needs --mode py")
     ctx = zmq.Context()
-    (run_py if args.mode == "py" else run_c)(ctx)
+    if args.mode == "py":
+        run_py(ctx, args.sync_dir)
+    else:
+        run_c(ctx)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +32,7 @@ SCENARIOS = (
     "floor",
     "relay",
     "zmqrun-warm",
+    "interleaved",
     "zmqrun-cold",
     "lambda-warm",
     "lambda-cold",
@@ -83,6 +84,8 @@ class Plan:
     rec_finished: int = 1_000_000  # finished jobs in the archive (recovery)
     rec_live: int = 100_000  # live (scheduled) jobs (recovery)
     rec_wait_s: float = 300.0  # bound on each router start/stop in the recovery scenario, seconds
+    mix_rounds: int = 25  # interleaved: rounds, each one block of calls per system
+    mix_block: int = 200  # interleaved: calls per block
 
     @classmethod
     def make(cls, quick: bool, jobs: int | None) -> Plan:
@@ -94,6 +97,7 @@ class Plan:
                 floor_n=2000, deadline_s=20.0, light_n=20, light_cold_n=5, heavy_n=0,
                 scaling_jobs=200, scaling_slots=(1, 4), scaling_modes=("concurrency",),
                 log_records=30_000, log_jobs=25_600, rec_finished=20_000, rec_live=2_000, rec_wait_s=60.0,
+                mix_rounds=5,
             )
         else:
             p = cls(
@@ -403,6 +407,70 @@ def run_zmqrun_warm(ctx: Ctx) -> None:
                         f"zmqrun warm, Client.map batched, {job}, fsync={fsync}",
                         job, p.map_n, secs, fsync, archived=ok, archive_note=note, cpu_us_per_job=cpu_us,
                     )
+
+
+MIX_RELAY = "interleaved/latency/relay-py"
+MIX_FLOOR = "interleaved/latency/relay-fsync"
+MIX_WARM = "interleaved/latency/zmqrun-warm/{fsync}"
+"""Row keys of the interleaved scenario (``MIX_WARM`` per fsync mode)."""
+
+
+def run_interleaved(ctx: Ctx) -> None:
+    """Scenario 3b: the headline latencies measured in the same minutes, one job in flight, noop.
+
+    Alive at once: the raw Python relay, the same relay with one write+fdatasync per drain of its
+    client socket (``bench.relay --sync-dir``: the *durability floor*, what making each job durable
+    before its reply costs on this machine with no bookkeeping at all), and a zmqrun warm stack per
+    fsync mode.  This process calls them in turn, ``mix_block`` calls each, for ``mix_rounds``
+    rounds, so the drift of a shared 2-core machine hits all of them alike (measured minutes apart,
+    the same relay moved 283-368 us p50 between runs).  Rows: :data:`MIX_RELAY`, :data:`MIX_FLOOR`,
+    :data:`MIX_WARM`.
+    """
+    from bench.relay import RelayClient
+
+    p = ctx.plan
+    body = _job_body("noop")
+    script, args = JOB_SCRIPT["noop"], JOB_ARGS["noop"]
+    expected = JOB_FUNC["noop"](**args)
+    calls: dict[str, Callable[[], Any]] = {}
+    labels: dict[str, tuple[str, str, str | None]] = {}
+    with ExitStack() as stack:
+        ch = stack.enter_context(Children(ctx.raw))
+        sync_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tmp-sync-", dir=ctx.out))
+        for key, name, extra, what in (
+            (MIX_RELAY, "mix-relay", [], "Python Poller relay, interleaved, 1 in flight, noop"),
+            (MIX_FLOOR, "mix-relay-fsync", ["--sync-dir", sync_dir],
+             "durability floor: Python relay + one write+fdatasync per job, interleaved, 1 in flight, noop"),
+        ):
+            ctx.progress(f"interleaved {name} start")
+            relay = ch.start(name, [PY, "-m", "bench.relay", "--mode", "py", *extra])
+            m = relay.wait_for(r"READY front=(\S+) back=(\S+)", 60)
+            ch.start(f"{name}-worker", [PY, "-m", "bench.relay_worker", "--connect", m[2]]).wait_for("READY")
+            cl = stack.enter_context(RelayClient(m[1]))
+            _check(orjson.loads(cl.call(body)), expected, name)
+            calls[key] = partial(cl.call, body)
+            labels[key] = ("relay", what, None)
+        for fsync in ctx.fsync:
+            ctx.progress(f"interleaved zmqrun warm {fsync} start")
+            st = stack.enter_context(zmqrun_stack(ctx, f"mix-{fsync}", fsync, [["--dedicated", script]]))
+            _check(st.client.run(script, args), expected, f"interleaved {fsync}")
+            key = MIX_WARM.format(fsync=fsync)
+            calls[key] = partial(st.client.run, script, args)
+            labels[key] = ("zmqrun-warm", f"zmqrun warm, interleaved, 1 in flight, noop, fsync={fsync}", fsync)
+        for key, call in calls.items():
+            ctx.progress(f"interleaved warm-up {key}")
+            timed_loop(call, _warm_n(p.lat_n), Latency(), p.deadline_s)
+        lats = {key: Latency() for key in calls}
+        stop_at = time.monotonic() + p.deadline_s
+        for rnd in range(p.mix_rounds):
+            ctx.progress(f"interleaved round {rnd + 1}/{p.mix_rounds}")
+            for key, call in calls.items():
+                timed_loop(call, p.mix_block, lats[key], p.deadline_s)
+            if time.monotonic() > stop_at:  # whole rounds only: every system gets as many calls
+                break
+        for key, lat in lats.items():
+            scenario, label, fsync = labels[key]
+            ctx.res.add_latency(key, scenario, label, "noop", lat, fsync)
 
 
 def run_zmqrun_cold(ctx: Ctx) -> None:
@@ -773,6 +841,7 @@ def run_recovery(ctx: Ctx) -> None:
 RUNNERS: dict[str, Callable[[Ctx], None]] = {
     "relay": run_relay,
     "zmqrun-warm": run_zmqrun_warm,
+    "interleaved": run_interleaved,
     "zmqrun-cold": run_zmqrun_cold,
     "lambda-warm": run_lambda_warm,
     "lambda-cold": run_lambda_cold,

@@ -62,3 +62,52 @@ def test_bench_quick_joblog_and_recovery(tmp_path: Path) -> None:
     assert (out / "joblog.png").stat().st_size > 0
     assert "## Job log and recovery" in (out / "report.md").read_text()
     assert not list(out.glob("tmp-*")), "temp dirs left behind"
+
+
+def test_bench_quick_interleaved_headline(tmp_path: Path) -> None:
+    """The interleaved scenario (about 10 s): relay, durability floor and zmqrun warm per fsync mode
+    measured in the same minutes; the headline ratio is judged from these rows, and the separate-run
+    row and the floor rows are informational."""
+    out = tmp_path / "report"
+    rc = main(["--quick", "--only", "interleaved", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert not data["results"]["errors"]
+    rows = {r["key"]: r for r in data["results"]["rows"]}
+    keys = ["interleaved/latency/relay-py", "interleaved/latency/relay-fsync",
+            "interleaved/latency/zmqrun-warm/always", "interleaved/latency/zmqrun-warm/never"]
+    for key in keys:
+        assert rows[key]["n"] == 1000 and 0 < rows[key]["p50_us"] <= rows[key]["p99_us"], key  # 5 rounds of 200
+    ratios = {r["name"]: r for r in data["ratios"]}
+    for f in ("always", "never"):
+        head = ratios[f"zmqrun warm p50 / raw relay p50 (noop, fsync={f}, interleaved)"]
+        assert head["status"] in ("PASS", "MISS") and head["target"] == 1.3
+        assert head["value"] == rows[f"interleaved/latency/zmqrun-warm/{f}"]["p50_us"] / rows[keys[0]]["p50_us"]
+        # zmqrun-warm did not run: the separate-run row says so instead of borrowing other figures
+        assert ratios[f"zmqrun warm p50 / raw relay p50 (noop, fsync={f}, separate runs)"]["status"] == "N/A"
+    floor = next(r for n, r in ratios.items() if n.startswith("durability floor p50 / raw relay p50"))
+    assert floor["status"] == "INFO" and floor["value"] == rows[keys[1]]["p50_us"] / rows[keys[0]]["p50_us"]
+    assert ratios["zmqrun warm p50 / durability floor p50 (noop, fsync=always, interleaved)"]["status"] == "INFO"
+    assert not list(out.glob("tmp-*")), "temp dirs left behind"
+
+
+def test_relay_sync_dir_writes_each_request_before_it_replies(tmp_path: Path) -> None:
+    """bench.relay --sync-dir (the durability floor): a reply comes back only after its request's
+    body is in the relay's preallocated file."""
+    from bench.jobs import fibo
+    from bench.procs import PY, Children
+    from bench.relay import SYNC_FILE_BYTES, RelayClient
+
+    sync_dir = tmp_path / "sync"
+    sync_dir.mkdir()
+    with Children(tmp_path / "raw") as ch:
+        relay = ch.start("relay", [PY, "-m", "bench.relay", "--mode", "py", "--sync-dir", str(sync_dir)])
+        m = relay.wait_for(r"READY front=(\S+) back=(\S+)", 60)
+        ch.start("worker", [PY, "-m", "bench.relay_worker", "--connect", m[2]]).wait_for("READY", 60)
+        (log,) = sync_dir.iterdir()
+        assert log.stat().st_size == SYNC_FILE_BYTES  # preallocated before READY
+        with RelayClient(m[1]) as cl:
+            for i in range(3):
+                body = b'{"script":"bench.jobs:fibo","job":"fibo","args":{"n":%d}}' % (10 + i)
+                assert json.loads(cl.call(body)) == fibo(10 + i)
+                assert body in log.read_bytes()
