@@ -359,6 +359,40 @@ def test_s4_buffered_jobs_dropped_at_a_router_restart_are_not_charged_an_attempt
     assert "warm-c2 dropped 3 buffered job(s) unstarted" in out and "back to the queue" not in out, out
 
 
+def test_s4_jobs_still_unread_in_the_socket_at_a_router_restart_are_not_charged_an_attempt(
+        zr: Cluster, tmp_path: Path) -> None:
+    """S4 (found re-running the failure scenarios: ~400 of a 5,000-job map were charged an attempt
+    after a router kill -9): an inline worker runs a 2.5 s job while 30 short jobs, sent one by one,
+    wait unread in its socket; the router is killed (-9) and restarted 0.5 s later, with --max-attempts
+    1.  The 30 never reach the worker's code: libzmq drops a broken connection's unread messages
+    (ZMQ_IMMEDIATE).  When the long job ends the worker registers again and its READY names every job
+    it received (``incarnation``, ``received``); the router queues the other jobs leased to that
+    process at once, uncounted, instead of waiting out the recovery lease and failing them WorkerLost.
+    Every job runs once, with attempts 1.  About 8 s."""
+    runs = tmp_path / "runs.log"
+    script = f"{_jobs(tmp_path)}:record"
+    extra = ("--recovery-lease", "4", "--max-attempts", "1")
+    zr.start_router(extra=extra)
+    address = zr.address
+    zr.start_worker(script, name="warm-inline")
+    c = zr.client()
+    jobs = [c.submit(script, {"log": str(runs), "i": 0, "seconds": 2.5})]
+    wait_until(lambda: runs.exists() and runs.read_text().count("\n") == 1, timeout=10, what="the long job to start")
+    jobs += [c.submit(script, {"log": str(runs), "i": i, "seconds": 0.01}) for i in range(1, 31)]
+    wait_until(lambda: c.status()["counts"].get("running", 0) == 31, timeout=10, what="all jobs dispatched")
+    time.sleep(0.3)
+    zr.router_proc.kill9()
+    time.sleep(0.5)
+    zr.start_router(address=address, extra=extra)
+    assert [j.result(timeout=30) for j in jobs] == list(range(31))
+    for j in jobs:
+        rec = zr.client().get(j.id)
+        assert rec.status == "success" and rec.attempts == 1, rec
+    assert sorted(int(i) for i in runs.read_text().split()[::2]) == list(range(31))  # each ran once
+    out = zr.router_proc.output()
+    assert "never received 30 job(s) leased to it" in out and "back to the queue" not in out, out
+
+
 # -- S3: a worker dies mid-job ---------------------------------------------------------------------
 
 

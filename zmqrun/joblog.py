@@ -84,7 +84,7 @@ log = logging.getLogger("zmqrun.log")
 
 # Record types.
 SUBMIT = 1  # {"at", "client", "jobs": [job, ...]}
-DISPATCH = 2  # {"at", "worker", "jobs": [[id, attempt], ...]}
+DISPATCH = 2  # {"at", "worker", "jobs": [[id, attempt], ...], "inc"?: the worker process's incarnation}
 FINISH = 3  # {"at", "worker", "results": [result, ...]}
 CANCEL = 4  # {"at", "id", "reason"}
 REQUEUE = 5  # {"at", "jobs": [[id, attempt, reason], ...]}

@@ -168,6 +168,7 @@ class WorkerSlot:
     last_dispatch: int = 0  # LRU tie-break counter
     supervisor: bytes | None = None  # routing id of its supervisor process (dedicated workers), if any
     tags: frozenset[str | None] = UNTAGGED  # job tags it takes; None stands for untagged jobs
+    incarnation: str | None = None  # the worker process's id from READY, named in DISPATCH records
     # (log seq, RESULT batch number) of the worker's reports, acknowledged once the log is durable there
     acks: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
 

@@ -266,6 +266,9 @@ class Router:
         # Stops for canceled jobs that were leased after a restart to a worker (by name) that has not
         # registered again yet: sent when it does (name -> [(monotonic time, CANCEL body)]).
         self._lease_cancels: dict[str, list[tuple[float, bytes]]] = {}
+        # Jobs leased after a restart -> the worker incarnation their DISPATCH record names: that worker's
+        # READY lists every job it received, so the others it was leased never reached it (see _ready).
+        self._lease_incarnation: dict[str, str] = {}
         self._supervised: dict[bytes, bytes] = {}  # supervisor routing id -> its worker's (see zmqrun.supervisor)
         self._running = False
         self._dirty = False
@@ -333,10 +336,15 @@ class Router:
                         job.submit_seq = seq
                         jobs[job.id] = job
             elif rtype == DISPATCH:
+                inc = rec.get("inc")
                 for jid, attempt in rec["jobs"]:
                     job = jobs.get(jid)
                     if job is not None:
                         job.status, job.attempts, job.worker, job.started_at = RUNNING, attempt, rec["worker"], rec["at"]
+                        if inc is None:
+                            self._lease_incarnation.pop(jid, None)
+                        else:
+                            self._lease_incarnation[jid] = inc
             elif rtype == FINISH:
                 if len(payload) > BIG_JOB_BYTES * len(rec["results"]):
                     self._big.update(r.get("id") for r in rec["results"]
@@ -374,6 +382,9 @@ class Router:
         now = time.time()
         live = sorted(jobs.values(), key=lambda j: j.submit_seq)
         jobs.clear()
+        incarnations = self._lease_incarnation
+        self._lease_incarnation = {job.id: incarnations[job.id] for job in live
+                                   if job.status == RUNNING and job.id in incarnations}
         leased = 0
         for job in live:
             job.order = self.queue.next_order()
@@ -1164,8 +1175,10 @@ class Router:
                                                                                   if type(u[0]) is str),
                               why_unstarted=why_dropped)
         name = str(msg.get("name") or ident.decode("utf-8", "replace"))[:200]
+        inc = msg.get("incarnation")
+        inc = inc if type(inc) is str and 0 < len(inc) <= 64 else None
         slot = WorkerSlot(ident, name, script, credit, float(beat), time.monotonic() + beat * self.liveness,
-                          tags=wtags)
+                          tags=wtags, incarnation=inc)
         if sup is not None:
             # Its supervisor's heartbeats now keep this worker alive (a previous child of the same
             # supervisor, if still listed, is no longer refreshed and expires by itself).
@@ -1189,11 +1202,40 @@ class Router:
                 self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True, "jobs": [
                     [job.id, job.attempts + 1, f"worker re-registered ({name}); {why_dropped}"] for job in back]}))
                 log.info("worker %s dropped %d buffered job(s) unstarted: queued again, not counted", name, len(back))
+        received = msg.get("received")
+        if inc is not None and type(received) is list and self._lease_incarnation:
+            known = {r for r in received if type(r) is str}
+            if type(running) is list:
+                known.update(r[0] for r in running if type(r) is list and r and type(r[0]) is str)
+            known.update(u[0] for u in dropped if type(u[0]) is str)
+            self._give_back_unreceived(name, inc, known)
         if self._lease_cancels:
             self._send_lease_cancels(slot)
         log.info("worker %s ready: %s, credit %d%s", name, script or "any script (cold path)", credit,
                  f", tags {', '.join(sorted(tags))}{' and untagged jobs' if untagged else ''}" if tags else "")
         self._dirty = True
+
+    def _give_back_unreceived(self, name: str, inc: str, known: set[str]) -> None:
+        """Worker ``name`` (process ``inc``) registered and named in ``known`` every job it received that
+        may still count as running (running, dropped unstarted, or its result re-sent).  Jobs leased to
+        it after a restart (their DISPATCH record names ``inc``) that it does not name never reached its
+        code: lost with the old router (dispatched but not sent) or with the old connection (libzmq drops
+        a connection's unread messages when it breaks).  They go back to the queue at once, their
+        attempt not counted, instead of waiting for the lease to end and being charged it."""
+        now = time.time()
+        back = []
+        for jid in [jid for jid, i in self._lease_incarnation.items() if i == inc]:
+            del self._lease_incarnation[jid]
+            job = self.queue.jobs.get(jid)
+            if jid not in known and job is not None and job.worker == name:
+                if self.queue.give_back(jid, job.attempts, now) is not None:
+                    back.append(job)
+        if back:
+            why = "never reached it (lost with the old router or connection); not counted"
+            self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True, "jobs": [
+                [job.id, job.attempts + 1, f"worker re-registered ({name}); {why}"] for job in back]}))
+            log.info("worker %s never received %d job(s) leased to it: queued again, not counted", name, len(back))
+            self._dirty = True
 
     def _send_lease_cancels(self, w: WorkerSlot) -> None:
         """A worker registered: send it the stops of canceled jobs leased to its name (see
@@ -1556,8 +1598,10 @@ class Router:
         """
         leased = []
         for w, jobs in self.queue.dispatch(now):
-            self.log.append(DISPATCH, orjson.dumps(
-                {"at": now, "worker": w.name, "jobs": [[j.id, j.attempts] for j in jobs]}))
+            rec = {"at": now, "worker": w.name, "jobs": [[j.id, j.attempts] for j in jobs]}
+            if w.incarnation is not None:
+                rec["inc"] = w.incarnation
+            self.log.append(DISPATCH, orjson.dumps(rec))
             msg: dict[str, Any] = {"jobs": [{"id": j.id, "attempt": j.attempts, "script": j.script, "args": j.args,
                                              "timeout": j.timeout} for j in jobs]}
             if w.acks:

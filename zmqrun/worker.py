@@ -343,6 +343,12 @@ class Worker:
         # [id, attempt] of jobs buffered but not started when a session ended (dropped then): named in the next
         # READY so the router queues them again without charging the attempt; cleared once a router heard it.
         self._dropped: list[list[Any]] = []
+        # This process's id for the router: a DISPATCH record names it, so a restarted router can tell that
+        # a job leased to this worker name which its READY does not mention never reached it (lost with
+        # the old connection) and queue it again uncounted.  False once unacknowledged results were
+        # dropped (MAX_UNACKED_BYTES): READY can then no longer name every job it received.
+        self.incarnation = os.urandom(8).hex()
+        self._received_complete = True
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -470,11 +476,17 @@ class Worker:
         self._sock_lock.acquire()
         try:
             # Built now, after the wait for a connection: "running" names the jobs still running at this moment.
-            ready = orjson.dumps({"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
-                                  "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor,
-                                  "tags": self.tags, "untagged": self.untagged,
-                                  "running": [[i, a] for i, a in list(self._running_jobs.items())],
-                                  "unstarted": self._dropped})
+            running = [[i, a] for i, a in list(self._running_jobs.items())]
+            ready_msg = {"script": self.script, "credit": self.credit, "heartbeat": self.heartbeat,
+                         "name": self.name, "pid": os.getpid(), "supervisor": self.supervisor,
+                         "tags": self.tags, "untagged": self.untagged, "running": running,
+                         "unstarted": self._dropped, "incarnation": self.incarnation}
+            if self._received_complete:
+                # With "running" and "unstarted": every job this process received that the router may
+                # still count as running (results it re-sends now, or that pool threads finished; read
+                # after "running", see _run_pooled).  Any other job leased to it never reached it.
+                ready_msg["received"] = [orjson.loads(r)["id"] for r in (*self._results, *list(self._done))]
+            ready = orjson.dumps(ready_msg)
             self._send([P.H_W_READY, ready])
             if self._results:
                 log.info("re-sending %d result(s) the router has not acknowledged", len(self._results))
@@ -624,6 +636,7 @@ class Worker:
             self._unacked_bytes += len(body)
             while self._unacked_bytes > MAX_UNACKED_BYTES and len(self._unacked) > 1:
                 self._unacked_bytes -= self._unacked.popleft()[2]
+                self._received_complete = False
                 log.warning("over %d bytes of results not acknowledged by the router: dropped the oldest",
                             MAX_UNACKED_BYTES)
 
@@ -793,8 +806,9 @@ class Worker:
             self._outputs.pop(job["id"], None)
             if slot >= 0:
                 board.end(slot)  # type: ignore[union-attr]
-            self._running_jobs.pop(job["id"], None)
         self._done.append(data)
+        # Out of "running" only once its result is in _done: a READY built meanwhile names it in one of them.
+        self._running_jobs.pop(job["id"], None)
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
