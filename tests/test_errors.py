@@ -131,6 +131,37 @@ def test_unserializable_results_fail_and_worker_keeps_serving(router: Cluster, c
     assert client.submit(script, {"kind": "fine"}).result(timeout=30) == {"ok": "fine"}
 
 
+INTERRUPTS = """
+import os
+
+def main(kind="keyboard"):
+    if kind == "keyboard":
+        raise KeyboardInterrupt("from the job")
+    if kind == "exit":
+        raise SystemExit(3)
+    return os.getpid()
+"""
+
+
+@pytest.mark.parametrize("path", ["warm", "cold"])
+def test_a_job_raising_keyboard_interrupt_fails_once_and_the_worker_keeps_serving(
+        router: Cluster, client: Client, tmp_path: Path, path: str) -> None:
+    """(Found by a new-user session.) KeyboardInterrupt raised by a job's code is that job's failure,
+    like any exception: one attempt, type and traceback; the warm process is not killed (it was: the
+    job ran three times and ended WorkerLost)."""
+    script = f"{write_script(tmp_path, 'interrupts.py', INTERRUPTS)}:main"
+    router.start_worker(script if path == "warm" else None, name=f"{path}-interrupts")
+    pid = client.run(script, {"kind": "pid"}, wait_timeout=30)
+    for kind, typ in (("keyboard", "KeyboardInterrupt"), ("exit", "SystemExit")):
+        job = client.submit(script, {"kind": kind})
+        with pytest.raises(JobFailed) as info:
+            job.result(timeout=30)
+        assert info.value.type == typ and "interrupts.py" in info.value.traceback, info.value
+        assert client.get(job.id).attempts == 1
+    after = client.run(script, {"kind": "pid"}, wait_timeout=30)
+    assert (after == pid) == (path == "warm")  # the same warm process served on; cold: a new one per job
+
+
 # -- malformed frames from a raw DEALER ----------------------------------------------------
 
 C = b"ZRC1"

@@ -119,8 +119,9 @@ def run_job(func: Callable[..., Any], args: dict[str, Any]) -> tuple[bytes, floa
             value = _await(value)
         frag = b'"status":"success","result":' + encode_json(value, "result")
     except BaseException as e:  # noqa: BLE001 - any job failure is reported, the worker goes on
-        if isinstance(e, KeyboardInterrupt):
-            raise
+        # KeyboardInterrupt and SystemExit too: a worker's own Ctrl-C never surfaces here (workers stop on
+        # a signal handler, warm children ignore SIGINT), so the job's code raised it; re-raised, it
+        # used to kill a warm process and charge the job an attempt each time (WorkerLost after 3).
         frag = b'"status":"failure","error":' + orjson.dumps(error_report(e))
     return frag, started, time.time()
 
