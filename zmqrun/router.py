@@ -403,7 +403,8 @@ class Router:
         self._bytes_since_snap = jlog.replayed_bytes
         if self._to_index:
             self._checkpoint(background=False)
-        running = (f"{leased} were running: leased for {self.recovery_lease:g} s to their workers to report, "
+        was = "was" if leased == 1 else "were"
+        running = (f"{leased} {was} running: leased for {self.recovery_lease:g} s to their workers to report, "
                    f"queued again if none does" if leased else "none was running")
         log.info("recovered from %s and %d log records (%.1f MB): %d live jobs (%s), %d finished",
                  f"snapshot at {after}" if after else "the start of the log", n, jlog.replayed_bytes / 1e6,
@@ -593,7 +594,13 @@ class Router:
             raise
         self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = s
+        try:
+            fresh = not any(self.data_dir.iterdir())
+        except OSError:
+            fresh = True  # missing: JobLog makes it (any other problem: JobLog's error names it)
         self.log = JobLog(self.data_dir, self.policy, self.segment_bytes)
+        if fresh:  # a router started in the wrong directory (the default data dir is relative) says so
+            log.info("data dir %s is new: starting with an empty job log", self.data_dir.resolve())
         self.recover()
 
     def _start_curve(self, s: zmq.Socket) -> None:
@@ -627,7 +634,7 @@ class Router:
         self._running = True
         next_beat = time.monotonic() + self.heartbeat
         mode = self.policy.mode + (f"={self.policy.interval * 1000:g}ms" if self.policy.mode == "interval" else "")
-        log.info("zmqrun router listening on %s (data dir %s, fsync %s)", self.endpoint, self.data_dir, mode)
+        log.info("zmqrun router listening on %s (data dir %s, fsync %s)", self.endpoint, self.data_dir.resolve(), mode)
         code = 0
         while self._running:
             now, mono = time.time(), time.monotonic()
