@@ -118,6 +118,19 @@ def test_status_shows_workers_by_script_with_credit(router: Cluster) -> None:
     assert by_name["cold-status"]["script"] is None and by_name["cold-status"]["credit"] == 1
 
 
+def test_status_shows_queued_tagged_jobs_and_tags_no_worker_has(router: Cluster) -> None:
+    """(Found by a new-user session: a tagged job waiting next to idle untagged workers was not explained.)"""
+    router.start_worker(None, name="cold-gpu", extra=("--tag", "gpu"))
+    for tag in ("nobody", "nobody", "gpu-later"):
+        proc = router.cli("submit", NOBODY, "--tag", tag)
+        assert proc.returncode == 0, proc.stderr
+    st = json.loads(router.cli("status", "--json").stdout)
+    assert st["queued_by_tag"] == {"nobody": 2, "gpu-later": 1}
+    out = router.cli("status").stdout
+    assert re.search(r"^  nobody: 2  \(no worker has this tag\)$", out, re.M), out
+    assert re.search(r"^  gpu-later: 1  \(no worker has this tag\)$", out, re.M), out
+
+
 def test_address_option_and_environment_variable(router: Cluster) -> None:
     router.start_worker(FIBO, name="warm-env")
     by_env = router.cli("submit", FIBO, "--args", '{"n": 7}', "--wait", address=False,

@@ -481,6 +481,11 @@ def status(address: str, client_timeout: float, as_json: bool) -> None:
         click.echo("queued by script:")
         for script, n in sorted(st["queued_by_script"].items()):
             click.echo(f"  {script}: {n}")
+    if st.get("queued_by_tag"):
+        served = {t for w in st["workers"] for t in w.get("tags") or ()}
+        click.echo("queued by tag (a tagged job runs only on a worker started with that --tag):")
+        for tag, n in sorted(st["queued_by_tag"].items()):
+            click.echo(f"  {tag}: {n}{'' if tag in served else '  (no worker has this tag)'}")
 
 
 # -- job log tools ------------------------------------------------------------------------------

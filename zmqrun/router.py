@@ -1100,8 +1100,10 @@ class Router:
         now, mono = time.time(), time.monotonic()
         counts = self.queue.counts(now)
         counts["finished"] = self.archive.count()
-        by_script: dict[str, int] = collections.Counter(
-            j.script for j in self.queue.jobs.values() if j.status == QUEUED and j.scheduled_for <= now)
+        due = [j for j in self.queue.jobs.values() if j.status == QUEUED and j.scheduled_for <= now]
+        by_script: dict[str, int] = collections.Counter(j.script for j in due)
+        # A tagged job runs only on a worker with its tag: a queued one may wait for a worker nobody started.
+        by_tag: dict[str, int] = collections.Counter(j.tag for j in due if j.tag is not None)
         return {
             "workers": [{"name": w.name, "script": w.script, "credit": w.credit, "in_flight": len(w.in_flight),
                          "expires_in": round(w.expires_at - mono, 3), "tags": sorted(t for t in w.tags if t),
@@ -1109,7 +1111,8 @@ class Router:
             "leased": len(self.queue.leases), "late_results": self.late_results,
             "live_logs": {"jobs": len(self._live), "chars": sum(ll.end - ll.start for ll in self._live.values()),
                           "followed_jobs": len(self._followers)},
-            "counts": counts, "queued_by_script": dict(by_script), "endpoint": self.endpoint,
+            "counts": counts, "queued_by_script": dict(by_script), "queued_by_tag": dict(by_tag),
+            "endpoint": self.endpoint,
             "fsync": self.policy.mode, "pid": os.getpid(),
             # Dropped input (malformed, bad requests, stale results) and group commit at work.
             "dropped": dict(self.stats),
