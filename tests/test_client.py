@@ -82,6 +82,20 @@ def test_cancel_finished_and_unknown_jobs(router: Cluster, client: Client) -> No
     assert unknown.canceled is False and unknown.status is None
 
 
+def test_a_closed_client_says_so(router: Cluster) -> None:
+    """(Found by a new-user session: pyzmq's "Socket operation on non-socket" came out instead.)"""
+    from zmqrun import ZmqrunError
+
+    c = Client(router.address, timeout=5)
+    job = c.submit(NOBODY)
+    c.close()
+    c.close()  # twice is fine
+    for call in (lambda: c.run(NOBODY), lambda: c.submit(NOBODY), lambda: c.get(job.id), c.status,
+                 lambda: job.result(timeout=1), lambda: c.wait([job.id], timeout=1), lambda: c.map(NOBODY, [{}])):
+        with pytest.raises(ZmqrunError, match="this Client is closed"):
+            call()
+
+
 def test_get_unknown_id_raises_key_error(client: Client) -> None:
     with pytest.raises(KeyError):
         client.get("0192f1c2-0000-7000-8000-000000000000")

@@ -631,6 +631,11 @@ class Client:
         except zmq.Again:
             self._send_frames(frames, time.monotonic() + self.timeout)
 
+    def _check_open(self) -> None:
+        """Raise ZmqrunError if :meth:`close` was called (instead of pyzmq's "Socket operation on non-socket")."""
+        if self._closed:
+            raise ZmqrunError("this Client is closed; make a new one")
+
     def _send_frames(self, frames: list[bytes], deadline: float) -> None:
         while True:
             try:
@@ -759,6 +764,7 @@ class Client:
         ``resend``: send it again (same request number) if the client reconnects meanwhile, i.e.
         the router may have restarted and lost it; only for idempotent requests.
         """
+        self._check_open()
         req = next(self._req)
         body["req"] = req
         frames = encode_request(cmd, body)
@@ -843,6 +849,7 @@ class Client:
         comes only once the job is durable, so it acknowledges the submit too.
         """
         check_wait_timeout(wait_timeout)  # before anything is sent
+        self._check_open()
         d = run_job_dict(script, args, opts, self.max_args_bytes)
         jid = d["id"]
         req = next(self._req)
@@ -870,6 +877,7 @@ class Client:
         ``TypeError`` for unserializable args before anything is sent.
         """
         check_map_options(batch_size, window)
+        self._check_open()
         all_jobs = [job_dict(script, a, priority, None, None, timeout, None, retries=retries, backoff=backoff,
                              tag=tag, max_args_bytes=self.max_args_bytes) for a in iterable]
         ids = [d["id"] for d in all_jobs]
@@ -965,6 +973,7 @@ class Client:
         message in a blocking recv (:meth:`_recv_one`), and no generator or list is built per check.
         """
         check_wait_timeout(timeout)
+        self._check_open()
         outcomes = self._outcomes
         self._claimed.add(jid)
         try:
@@ -997,6 +1006,7 @@ class Client:
 
     def _wait_loop(self, ids: list[str], timeout: float | None) -> list[Any]:
         check_wait_timeout(timeout)
+        self._check_open()
         self._reconnected()
         missing = [i for i in ids if i not in self._outcomes]
         if missing and not all(i in self._watching for i in missing):
