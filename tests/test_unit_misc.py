@@ -187,3 +187,22 @@ def test_iso_and_parse_time() -> None:
                                         (None, False), ("0192f1c2-0000-7000-8000-000000000000", True)])
 def test_valid_job_id(value: object, ok: bool) -> None:
     assert valid_job_id(value) is ok
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:99999", "tcp://127.0.0.1:0", "tcp://127.0.0.1:5591x",
+                                     "tcp://127.0.0.1", "nonsense", "http://127.0.0.1:5555"])
+def test_a_bad_router_address_is_refused_at_once(address: str) -> None:
+    """(A new-user session waited out a whole timeout for port 99999: libzmq took it as 34463.)"""
+    from zmqrun import Client
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="invalid router address"):
+        Client(address, timeout=5)
+    assert time.monotonic() - t0 < 2
+
+
+def test_good_router_addresses_pass_the_check() -> None:
+    from zmqrun.protocol import check_endpoint
+
+    for address in ("tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:65535", "ipc:///tmp/x.sock"):
+        check_endpoint(address)

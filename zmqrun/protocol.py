@@ -171,6 +171,12 @@ def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
 
 def check_endpoint(endpoint: str) -> None:
     """Raise ValueError with one readable line if ZeroMQ cannot parse ``endpoint`` (tcp://host:port, ipc://path)."""
+    scheme, _, rest = endpoint.partition("://")
+    port = rest.rpartition(":")[2]
+    if scheme == "tcp" and not (port.isdigit() and 0 < int(port) <= 65535):
+        # libzmq would take "tcp://HOST:99999" as port 34463 (the number mod 65536) and "5591x" as 5591.
+        raise ValueError(f"invalid router address {endpoint!r} (the port must be a number from 1 to 65535); "
+                         f"use tcp://HOST:PORT or ipc://PATH")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     try:
