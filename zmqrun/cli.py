@@ -288,6 +288,9 @@ def submit(script: str, args_json: str | None, delay: float | None, priority: in
             raise ValueError(f"--args is not valid JSON: {e}") from None
         if not isinstance(args, dict):
             raise ValueError("--args must be a JSON object, e.g. '{\"n\": 10}'")
+    if backoff is not None and not retries:
+        click.echo("zmqrun: note: --backoff applies only to retried attempts; without --retries it has no effect",
+                   err=True)
     with _client(address, client_timeout) as c:
         job = c.submit(script, args, priority=priority, delay=delay, timeout=timeout, job_id=job_id,
                        retries=retries, backoff=backoff, tag=tag)

@@ -54,8 +54,14 @@ _BACKOFF_KEYS = {"constant": ("seconds", "jitter"), "exponential": ("seconds", "
 def _number(value: Any, name: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= high:
-        raise ValueError(f"backoff {name} must be a number from {low:g} to {high:g}, not {value!r}")
+        raise ValueError(f"backoff {name} must be a number from {_plain(low)} to {_plain(high)}, "
+                         f"not {value!r}")
     return float(value)
+
+
+def _plain(x: float) -> str:
+    """A number for a message: 2,592,000, not 2.592e+06."""
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,g}"
 
 
 def parse_backoff(value: Any) -> dict[str, Any] | None:
