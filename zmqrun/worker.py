@@ -485,7 +485,10 @@ class Worker:
                 # With "running" and "unstarted": every job this process received that the router may
                 # still count as running (results it re-sends now, or that pool threads finished; read
                 # after "running", see _run_pooled).  Any other job leased to it never reached it.
-                ready_msg["received"] = [orjson.loads(r)["id"] for r in (*self._results, *list(self._done))]
+                try:
+                    ready_msg["received"] = [orjson.loads(r)["id"] for r in (*self._results, *list(self._done))]
+                except (ValueError, KeyError, TypeError):  # never expected; without the list nothing is given back
+                    log.warning("could not list the results to re-send; the router will wait out its lease")
             ready = orjson.dumps(ready_msg)
             self._send([P.H_W_READY, ready])
             if self._results:
