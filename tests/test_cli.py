@@ -37,8 +37,11 @@ def test_submit_wait_on_failing_job_exits_non_zero(router: Cluster) -> None:
     router.start_worker("zmqrun.examples.demo:fail", name="warm-fail")
     proc = router.cli("submit", "zmqrun.examples.demo:fail", "--args", '{"message": "nope"}', "--wait")
     assert proc.returncode != 0
-    assert proc.stderr.startswith("zmqrun: job failed: ValueError: nope")
+    assert proc.stderr.startswith("zmqrun: job failed: ValueError: nope (job ")
     assert 'raise ValueError(message)' in proc.stderr  # the traceback follows
+    job_id = proc.stderr.split("(job ", 1)[1].split(")", 1)[0]  # named, for `zmqrun jobs logs ID`
+    shown = router.cli("jobs", "show", job_id)
+    assert shown.returncode == 0 and "failure" in shown.stdout, shown.stderr
 
 
 def test_submit_show_list_logs(router: Cluster, client: Client) -> None:

@@ -66,7 +66,8 @@ class ZmqrunGroup(click.Group):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
         except JobFailed as e:
-            click.echo(f"zmqrun: job failed: {e.type}: {e.message}", err=True)
+            # The job's id ends the line: its output is one `zmqrun jobs logs ID` away.
+            click.echo(f"zmqrun: job failed: {e.type}: {e.message} (job {e.job_id})", err=True)
             # zmqrun's own error types say it all in one line (their traceback is zmqrun's or importlib's
             # internals; `zmqrun jobs show ID` still has it); the job's own exceptions get theirs.
             if e.traceback and e.type not in _ONE_LINE_ERRORS:
