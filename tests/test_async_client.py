@@ -332,3 +332,37 @@ def test_unread_outcomes_stay_bounded_and_evicted_results_are_fetched_again(shar
                 [fib(i % 10) for i in range(50)]
 
     arun(main)
+
+
+def test_an_async_wait_raises_router_unavailable_about_one_timeout_after_the_router_stops(
+        zr: Cluster, arun: Run) -> None:
+    """As Client (test_client.py): an awaited result whose router is killed (-9) 0.5 s into the wait
+    raises RouterUnavailable about one client timeout (3 s) after the kill, not after a quiet spell and
+    a question that waits a timeout more (up to 2x: 5.5 s before).  About 5 s per loop kind."""
+    from zmqrun import RouterUnavailable
+
+    zr.start_router()
+    router = zr.router_proc
+
+    async def main() -> tuple[float, list[float]]:
+        async with AsyncClient(zr.address, timeout=3) as c:
+            job = await c.submit("nobody.serves:this")  # no worker: it stays queued, the wait hears nothing
+
+            async def stop() -> float:
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(router.kill9)
+                return time.monotonic()
+
+            async def raised_at(aw: Awaitable[Any]) -> float:
+                with pytest.raises(RouterUnavailable, match="within 3 s"):
+                    await aw
+                return time.monotonic()
+
+            stopper = asyncio.ensure_future(stop())
+            raised = await asyncio.gather(raised_at(job.result(timeout=60)),
+                                          raised_at(c.map("nobody.serves:this", [{}, {}])))
+            return await stopper, raised
+
+    stopped, raised = arun(main)
+    for what, t in zip(("result()", "map()"), raised):
+        assert 2.5 < t - stopped < 4.6, f"{what}: RouterUnavailable {t - stopped:.2f} s after the router stopped"

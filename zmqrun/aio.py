@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any, AsyncIterator, Iterable
 
 import zmq
@@ -225,6 +226,22 @@ class AsyncClient:
                 loop.remove_reader(self._fd)
             except Exception:  # noqa: BLE001 - the loop may already be closing
                 pass
+
+    def _connection_down(self) -> bool:
+        """True while the connection to the router is down (nothing can be asked then); raises
+        RouterUnavailable once it has been down for the client timeout, as Client._should_reask: the
+        socket monitor saw it drop, so a wait ends ~timeout after a router stops instead of after a
+        quiet spell and a question that waits a timeout more (up to 2x)."""
+        if self._closed:
+            return False  # close() fails every pending wait itself
+        self._conns()  # every read of the monitor goes through here
+        down = self._conn.down_since
+        if down is None:
+            return False
+        if time.monotonic() - down >= self.timeout:
+            raise unreachable(self.address, self.timeout, self._conn.unreachable_why()
+                              or "the connection to the router dropped and none came back")
+        return True
 
     def _conns(self) -> int:
         """Connections completed so far.  On a new one (the router may have restarted and forgotten who
@@ -440,14 +457,18 @@ class AsyncClient:
             since = loop.time()
             pending = {f for f in futs if not f.done()}
             while pending:
-                slice_s = self.timeout if deadline is None else min(self.timeout, deadline - loop.time())
+                slice_s = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - loop.time())
                 if deadline is not None and slice_s <= 0:
                     late = [j for j, f in zip(ids, futs) if not f.done()]
                     raise TimeoutError(f"job(s) {', '.join(late)} not finished within {timeout:g} s")
                 _, pending = await asyncio.wait(pending, timeout=slice_s)
-                # A reconnection is handled for all waiters at once (_conns); a quiet spell here asks
-                # whether the router is still there (raises RouterUnavailable if it is gone).
-                if pending and loop.time() - max(since, self._last_rx) >= self.timeout:
+                if not pending:
+                    break
+                if self._connection_down():
+                    continue  # nothing can be asked without a connection
+                # A reconnection is handled for all waiters at once (_conns); a quiet spell while connected
+                # asks whether the router is still there (raises RouterUnavailable if it does not answer).
+                if loop.time() - max(since, self._last_rx) >= self.timeout:
                     await self._reask([j for j, f in zip(ids, futs) if not f.done()])
                     since = loop.time()
         finally:
@@ -553,12 +574,14 @@ class AsyncClient:
                     break
                 before = state.done
                 try:
-                    async with asyncio.timeout(self.timeout):
+                    async with asyncio.timeout(WAIT_SLICE):
                         await state.event.wait()
                 except TimeoutError:
                     pass
                 if state.done > before:
                     since = loop.time()
+                elif self._connection_down():
+                    pass  # nothing can be asked without a connection (it raises after the timeout)
                 elif loop.time() - max(since, self._last_rx) >= self.timeout:
                     # Only the jobs already sent: the router does not know the others yet.  (A
                     # reconnection is handled for all waiters at once: _conns.)
