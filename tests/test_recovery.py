@@ -261,6 +261,23 @@ def test_worker_sigterm_finishes_the_running_job_then_leaves(zr: Cluster, tmp_pa
     assert job.result(timeout=5) in family
     # It said goodbye (DISCONNECT): deregistered at once, not after heartbeat expiry.
     assert "graceful" not in zr.worker_names()
+    # And it said at once why it did not exit yet (a Ctrl-C on a long job used to get no answer).
+    assert "stopping: the running job(s) finish and are reported first" in worker.output()
+
+
+def test_normal_worker_sigterm_says_it_finishes_the_running_job_first(zr: Cluster, tmp_path: Path) -> None:
+    write_script(tmp_path, "started.py", STARTED)
+    zr.start_router()
+    c = zr.client()
+    worker = zr.start_worker(None, name="graceful-cold", cwd=tmp_path)
+    marker = tmp_path / "started"
+    job = c.submit("started.py:slow", {"seconds": 1.5, "marker": str(marker)})
+    wait_until(marker.exists, timeout=30, interval=0.01, what="the job to start on the worker")
+    worker.popen.terminate()
+    wait_until(lambda: "stopping: running jobs finish and are reported first" in worker.output(), timeout=1,
+               interval=0.02, what="the worker to say why it does not exit yet")
+    assert worker.popen.wait(10) == 0
+    assert c.get(job.id).status == "success"
 
 
 def test_worker_sigterm_hands_back_prefetched_jobs(zr: Cluster, tmp_path: Path) -> None:

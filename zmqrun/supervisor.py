@@ -137,9 +137,16 @@ class Supervisor:
         """Pass a stop request on to the child (from the loop, not the signal handler)."""
         if self._forwarded == self._stopping:
             return
+        first = self._forwarded == 0
         self._forwarded = self._stopping
         child = self.child
         if child is not None and child.returncode is None:
+            # Said at once: a long job would otherwise leave a Ctrl-C without any answer until it ends.
+            if first:
+                log.warning("stopping: the running job(s) finish and are reported first; signal again "
+                            "(Ctrl-C) to kill them now (they go back to the queue)")
+            else:
+                log.warning("stopping now: killing the warm process; its running jobs go back to the queue")
             try:
                 if self._stopping == 1:
                     os.kill(child.pid, signal.SIGTERM)

@@ -847,7 +847,13 @@ def run_worker(connect: str, script: str | None = None, **kw: Any) -> int:
     """Run a worker in this process until SIGTERM/SIGINT; return its exit code."""
     w = Worker(connect, script, **kw)
     w.start()
-    signal.signal(signal.SIGTERM, w.stop)
-    signal.signal(signal.SIGINT, w.stop)
+
+    def stop(*_: Any) -> None:
+        if w._running and (w._active or w._pending):  # said at once: a long job would leave a Ctrl-C unanswered
+            log.warning("stopping: running jobs finish and are reported first, then the worker leaves")
+        w.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     signal.set_wakeup_fd(w._wake_w)  # a signal wakes the poll at once: prompt shutdown
     return w.run()
