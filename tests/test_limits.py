@@ -208,6 +208,21 @@ def test_a_frame_over_max_message_bytes_disconnects_its_sender(zr: Cluster) -> N
         ctx.destroy(0)
 
 
+def test_a_client_request_over_the_routers_lowered_limit_names_the_limit(zr: Cluster) -> None:
+    """A router started with a lower --max-message-bytes drops the connection of a client whose submit is
+    bigger; the client's error says so instead of only "did not answer" (found in a review)."""
+    from zmqrun import RouterUnavailable
+
+    zr.start_router(extra=("--max-message-bytes", "100KiB"))
+    c = zr.client(timeout=2)
+    with pytest.raises(RouterUnavailable, match=r"dropped the connection after this [\d,]+-byte request: is it "
+                                                r"over the router's --max-message-bytes\?"):
+        c.submit("nobody.serves:this", {"blob": "x" * 200_000})
+    assert c.status()["counts"]["queued"] == 0  # the client still works, and nothing was accepted
+    job = c.submit("nobody.serves:this", {"blob": "x" * 50_000})  # under the limit: accepted
+    assert c.get(job.id).status == "queued"
+
+
 def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Call ``pred`` (which blocks briefly itself) until it is true or ``timeout`` seconds pass."""
     end = time.monotonic() + timeout

@@ -777,6 +777,15 @@ class Client:
             while req not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    size = sum(map(len, frames))
+                    if size > 1024 and resent:
+                        # Sent again on a new connection and still no answer: a router drops the connection
+                        # of a peer whose message exceeds its MAXMSGSIZE, which looks like silence from
+                        # here, so say which limit may be the cause.
+                        raise RouterUnavailable(
+                            f"the zmqrun router at {self.address} did not answer within {self.timeout:g} s and "
+                            f"dropped the connection after this {size:,}-byte request: is it over the "
+                            f"router's --max-message-bytes?")
                     raise no_answer(self.address, self.timeout)
                 if self._pump(min(left, WAIT_SLICE)) and req in self._replies:
                     break
