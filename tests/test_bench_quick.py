@@ -37,15 +37,20 @@ def test_bench_quick_relay_and_warm(tmp_path: Path) -> None:
     assert not list(out.glob("tmp-*")), "temp dirs left behind"
 
 
+def _quick(tmp_path: Path, only: str) -> tuple[Path, dict]:
+    """Run ``python -m bench --quick --only ONLY`` into tmp_path/report; (report dir, results.json), no errors."""
+    out = tmp_path / "report"
+    assert main(["--quick", "--only", only, "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert not data["results"]["errors"]
+    return out, data
+
+
 def test_bench_quick_joblog_and_recovery(tmp_path: Path) -> None:
     """The job-log scenarios at --quick sizes (about 5 s): every figure is measured, the writer and
     CPU rows are judged, and the recovery rows are informational because 20,000 + 2,000 jobs are not
     the sizes the targets are stated for."""
-    out = tmp_path / "report"
-    rc = main(["--quick", "--only", "log-writer,recovery", "--out", str(out), "--no-progress"])
-    assert rc == 0
-    data = json.loads((out / "results.json").read_text())
-    assert not data["results"]["errors"]
+    out, data = _quick(tmp_path, "log-writer,recovery")
     figs = {r["key"]: r for r in data["results"]["joblog"]}
     for key in ("log-writer/writer/always", "log-writer/raw/always", "log-writer/persist-cpu/always",
                 "recovery/restart/empty", "recovery/generate/finished", "recovery/generate/live",
@@ -68,11 +73,7 @@ def test_bench_quick_interleaved_headline(tmp_path: Path) -> None:
     """The interleaved scenario (about 10 s): relay, durability floor and zmqrun warm per fsync mode
     measured in the same minutes; the headline ratio is judged from these rows, and the separate-run
     row and the floor rows are informational."""
-    out = tmp_path / "report"
-    rc = main(["--quick", "--only", "interleaved", "--out", str(out), "--no-progress"])
-    assert rc == 0
-    data = json.loads((out / "results.json").read_text())
-    assert not data["results"]["errors"]
+    out, data = _quick(tmp_path, "interleaved")
     rows = {r["key"]: r for r in data["results"]["rows"]}
     keys = ["interleaved/latency/relay-py", "interleaved/latency/relay-fsync",
             "interleaved/latency/zmqrun-warm/always", "interleaved/latency/zmqrun-warm/never"]

@@ -330,6 +330,21 @@ def test_s4_long_job_survives_a_long_router_outage_and_runs_once(zr: Cluster, tm
     assert "cold-long still runs 1 job(s)" in out and "back to the queue" not in out, out
 
 
+def _kill9_restart_and_check_each_ran_once(zr: Cluster, address: str, extra: tuple[str, ...], jobs: list[Any],
+                                           runs: Path, pause: float) -> str:
+    """kill -9 the router and start it again ``pause`` seconds later; job i returns i, every job ends a
+    success with attempts 1 and ran once (one line each in ``runs``).  Returns the new router's output."""
+    zr.router_proc.kill9()
+    time.sleep(pause)
+    zr.start_router(address=address, extra=extra)
+    assert [j.result(timeout=30) for j in jobs] == list(range(len(jobs)))
+    for j in jobs:
+        rec = zr.client().get(j.id)
+        assert rec.status == "success" and rec.attempts == 1, rec
+    assert sorted(int(i) for i in runs.read_text().split()[::2]) == list(range(len(jobs)))  # each ran once
+    return zr.router_proc.output()
+
+
 def test_s4_buffered_jobs_dropped_at_a_router_restart_are_not_charged_an_attempt(zr: Cluster, tmp_path: Path) -> None:
     """S4 (found by a new-user session): a dedicated worker of concurrency 2 runs two 3 s jobs and holds
     three more sent ahead in its buffer; the router is killed (-9) and restarted 1 s later, with
@@ -347,15 +362,7 @@ def test_s4_buffered_jobs_dropped_at_a_router_restart_are_not_charged_an_attempt
     jobs = [c.submit(script, {"log": str(runs), "i": i, "seconds": 3.0 if i < 2 else 0.1}) for i in range(5)]
     wait_until(lambda: runs.exists() and runs.read_text().count("\n") == 2, timeout=10, what="two jobs to start")
     time.sleep(0.3)
-    zr.router_proc.kill9()
-    time.sleep(1)
-    zr.start_router(address=address, extra=extra)
-    assert [j.result(timeout=30) for j in jobs] == list(range(5))
-    for j in jobs:
-        rec = zr.client().get(j.id)
-        assert rec.status == "success" and rec.attempts == 1, rec
-    assert sorted(int(i) for i in runs.read_text().split()[::2]) == [0, 1, 2, 3, 4]  # each ran once
-    out = zr.router_proc.output()
+    out = _kill9_restart_and_check_each_ran_once(zr, address, extra, jobs, runs, pause=1.0)
     assert "warm-c2 dropped 3 buffered job(s) unstarted" in out and "back to the queue" not in out, out
 
 
@@ -381,15 +388,7 @@ def test_s4_jobs_still_unread_in_the_socket_at_a_router_restart_are_not_charged_
     jobs += [c.submit(script, {"log": str(runs), "i": i, "seconds": 0.01}) for i in range(1, 31)]
     wait_until(lambda: c.status()["counts"].get("running", 0) == 31, timeout=10, what="all jobs dispatched")
     time.sleep(0.3)
-    zr.router_proc.kill9()
-    time.sleep(0.5)
-    zr.start_router(address=address, extra=extra)
-    assert [j.result(timeout=30) for j in jobs] == list(range(31))
-    for j in jobs:
-        rec = zr.client().get(j.id)
-        assert rec.status == "success" and rec.attempts == 1, rec
-    assert sorted(int(i) for i in runs.read_text().split()[::2]) == list(range(31))  # each ran once
-    out = zr.router_proc.output()
+    out = _kill9_restart_and_check_each_ran_once(zr, address, extra, jobs, runs, pause=0.5)
     assert "never received 30 job(s) leased to it" in out and "back to the queue" not in out, out
 
 
