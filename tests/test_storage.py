@@ -281,3 +281,30 @@ def test_a_job_is_dispatched_only_after_its_submit_record_is_written(tmp_path: P
         d.tick()
     d.close()
     assert seen == [True] * 5
+
+
+def test_a_filtered_listing_finds_old_matches_beyond_the_recent_jobs(tmp_path: Path) -> None:
+    """(Found by a new-user session.) After a restart, `jobs list --status failure --limit 10` read back
+    only max(1000, 4 x limit) finished jobs and listed none of 13 older failures.  A filtered listing
+    reads back until ``limit`` jobs match (within the per-request bound)."""
+    from routerdriver import CLIENT, Driver
+
+    d = Driver(tmp_path, segment_bytes=64 * 1024)
+    old = d.submit(3, delay=3600)
+    for jid in old:
+        d.router._handle([CLIENT, P.header(P.CLIENT, P.C_CANCEL), orjson.dumps({"req": 900, "id": jid})])
+    d.tick()
+    d.run(1500)  # newer than the canceled ones, all successes
+    d.close()
+    again = Driver(tmp_path, segment_bytes=64 * 1024)
+    again.router.archive.recent.clear()  # as after a restart of a router with a big archive: all from disk
+    again.sock.sent.clear()
+    again.router._handle([CLIENT, P.header(P.CLIENT, P.C_LIST),
+                          orjson.dumps({"req": 1, "status": "canceled", "limit": 10})])
+    (reply,) = [orjson.loads(f[1]) for ident, f in again.sock.sent if ident == CLIENT]
+    assert sorted(j["id"] for j in reply["jobs"]) == sorted(old), reply
+    again.sock.sent.clear()
+    again.router._handle([CLIENT, P.header(P.CLIENT, P.C_LIST), orjson.dumps({"req": 2, "limit": 5})])
+    (reply,) = [orjson.loads(f[1]) for ident, f in again.sock.sent if ident == CLIENT]
+    assert len(reply["jobs"]) == 5 and all(j["status"] == "success" for j in reply["jobs"])
+    again.close()
