@@ -96,6 +96,32 @@ def test_a_closed_client_says_so(router: Cluster) -> None:
             call()
 
 
+def test_a_wait_started_after_the_connection_dropped_gets_a_whole_timeout(zr: Cluster) -> None:
+    """(Found by a new-user session.) After a RouterUnavailable, a new result() call made as the router
+    restarts raised within 0.5 s (its timeout counted from the old drop); it now waits its own timeout,
+    so a retry rides out the restart and gets the result."""
+    from zmqrun import RouterUnavailable
+
+    zr.start_router()
+    address = zr.address
+    c = zr.client(timeout=3)
+    job = c.submit(FIBO, {"n": 12})  # no worker yet: it stays queued
+    zr.router_proc.kill9()
+    with pytest.raises(RouterUnavailable):
+        job.result(timeout=60)
+
+    def restart() -> None:
+        zr.start_router(address=address)
+        zr.start_worker(FIBO, name="warm-late", wait=False)
+
+    restarter = threading.Timer(0.5, restart)  # the retry below starts while the router is still down
+    restarter.start()
+    try:
+        assert job.result(timeout=30) == 144
+    finally:
+        restarter.join(30)
+
+
 def test_get_unknown_id_raises_key_error(client: Client) -> None:
     with pytest.raises(KeyError):
         client.get("0192f1c2-0000-7000-8000-000000000000")

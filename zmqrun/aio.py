@@ -227,18 +227,19 @@ class AsyncClient:
             except Exception:  # noqa: BLE001 - the loop may already be closing
                 pass
 
-    def _connection_down(self) -> bool:
+    def _connection_down(self, started: float) -> bool:
         """True while the connection to the router is down (nothing can be asked then); raises
         RouterUnavailable once it has been down for the client timeout, as Client._should_reask: the
         socket monitor saw it drop, so a wait ends ~timeout after a router stops instead of after a
-        quiet spell and a question that waits a timeout more (up to 2x)."""
+        quiet spell and a question that waits a timeout more (up to 2x).  ``started``: when the wait
+        began (time.monotonic()); one that began after the drop gets a whole timeout of its own."""
         if self._closed:
             return False  # close() fails every pending wait itself
         self._conns()  # every read of the monitor goes through here
         down = self._conn.down_since
         if down is None:
             return False
-        if time.monotonic() - down >= self.timeout:
+        if time.monotonic() - max(down, started) >= self.timeout:
             raise unreachable(self.address, self.timeout, self._conn.unreachable_why()
                               or "the connection to the router dropped and none came back")
         return True
@@ -454,7 +455,7 @@ class AsyncClient:
                 asked = set(unwatched)
                 self._watching.update(j for j, f in zip(ids, futs) if not f.done() and j in asked)
             deadline = None if timeout is None else loop.time() + timeout
-            since = loop.time()
+            since, started = loop.time(), time.monotonic()
             pending = {f for f in futs if not f.done()}
             while pending:
                 slice_s = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - loop.time())
@@ -464,7 +465,7 @@ class AsyncClient:
                 _, pending = await asyncio.wait(pending, timeout=slice_s)
                 if not pending:
                     break
-                if self._connection_down():
+                if self._connection_down(started):
                     continue  # nothing can be asked without a connection
                 # A reconnection is handled for all waiters at once (_conns); a quiet spell while connected
                 # asks whether the router is still there (raises RouterUnavailable if it does not answer).
@@ -554,7 +555,7 @@ class AsyncClient:
         self._watching.update(ids)
         reqs: list[int] = []
         sent = 0
-        since = loop.time()
+        since, started = loop.time(), time.monotonic()
         noack = self._noack_jobs
         try:
             while state.done < n and state.rejected is None and state.failed is None:
@@ -580,7 +581,7 @@ class AsyncClient:
                     pass
                 if state.done > before:
                     since = loop.time()
-                elif self._connection_down():
+                elif self._connection_down(started):
                     pass  # nothing can be asked without a connection (it raises after the timeout)
                 elif loop.time() - max(since, self._last_rx) >= self.timeout:
                     # Only the jobs already sent: the router does not know the others yet.  (A

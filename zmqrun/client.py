@@ -738,11 +738,13 @@ class Client:
         it still there?).  Raises RouterUnavailable once the connection has been down for the client
         timeout (the socket monitor saw it drop and none come back): ~timeout after a router stops,
         instead of a quiet spell and then a question that waits a timeout more (a new-user session
-        measured up to 2x)."""
+        measured up to 2x).  A call that starts while the connection is down (``quiet_since`` is at or
+        after the drop) gets a whole timeout of its own: a retry right after a RouterUnavailable waits
+        for a restarting router instead of failing at once."""
         reconnected = self._reconnected()
         down = self._conn.down_since
         if down is not None:
-            if time.monotonic() - down >= self.timeout:
+            if time.monotonic() - max(down, quiet_since) >= self.timeout:
                 raise unreachable(self.address, self.timeout, self._conn.unreachable_why()
                                   or "the connection to the router dropped and none came back")
             return False  # nothing can be asked without a connection: wait for one (or the timeout)
