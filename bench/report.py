@@ -286,9 +286,21 @@ def _ratio_md(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| ratio | value | target | result | note |", "|---|---:|---|---|---|"]
     for r in rows:
         tgt = f"{r['op']} {r['target']:g}" if r["op"] else "(informational)"
-        val = _f(r["value"], 2) if r["value"] is None or r["value"] < 1000 else _f(r["value"], 0)
+        val = "-" if r["value"] is None else _f(r["value"], 0) if r["value"] >= 1000 else _value_text(r)
         lines.append(f"| {r['name']} | {val} | {tgt} | **{r['status']}** | {r.get('note', '')} |")
     return lines
+
+
+def _value_text(r: dict[str, Any]) -> str:
+    """A ratio row's value with 2 decimals, or 3 where 2 would print the target itself (a MISS of 1.304
+    must not read "1.30 (target <= 1.3)")."""
+    v = r["value"]
+    if v is None:
+        return "n/a"
+    text = f"{v:,.2f}"
+    if r.get("target") is not None and v != r["target"] and round(v, 2) == r["target"]:
+        text = f"{v:,.3f}"
+    return text
 
 
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -296,7 +308,7 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
         tgt = f"{r['op']} {r['target']:g}" if r["op"] else "info"
-        val = "n/a" if r["value"] is None else f"{r['value']:,.2f}"
+        val = _value_text(r)
         out.append(f"{r['status']:>4}  {val:>12}  (target {tgt})  {r['name']}")
     return out
 

@@ -112,3 +112,16 @@ def test_relay_sync_dir_writes_each_request_before_it_replies(tmp_path: Path) ->
                 body = b'{"script":"bench.jobs:fibo","job":"fibo","args":{"n":%d}}' % (10 + i)
                 assert json.loads(cl.call(body)) == fibo(10 + i)
                 assert body in log.read_bytes()
+
+
+def test_a_ratio_next_to_its_target_is_printed_with_enough_digits() -> None:
+    """(Found by a new-user session: "MISS 1.30 (target <= 1.3)".)"""
+    from bench.report import ratio_lines
+
+    def row(value: float | None, status: str) -> dict:
+        return {"name": "r", "value": value, "op": "<=", "target": 1.3, "status": status}
+
+    assert "1.304" in ratio_lines([row(1.304, "MISS")])[0]
+    assert "1.296" in ratio_lines([row(1.296, "PASS")])[0]
+    assert "1.30 " in ratio_lines([row(1.3, "PASS")])[0] and "1.42 " in ratio_lines([row(1.4213, "MISS")])[0]
+    assert "n/a" in ratio_lines([row(None, "N/A")])[0]

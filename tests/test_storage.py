@@ -308,3 +308,23 @@ def test_a_filtered_listing_finds_old_matches_beyond_the_recent_jobs(tmp_path: P
     (reply,) = [orjson.loads(f[1]) for ident, f in again.sock.sent if ident == CLIENT]
     assert len(reply["jobs"]) == 5 and all(j["status"] == "success" for j in reply["jobs"])
     again.close()
+
+
+def test_status_counts_this_processes_log_records_apart_from_the_replayed_ones(tmp_path: Path) -> None:
+    """(Found by a new-user session: `status` set the whole log's record count against this process's
+    batches and syncs, "526.5 records per sync".)"""
+    from routerdriver import Driver
+
+    d = Driver(tmp_path, segment_bytes=64 * 1024)
+    d.run(20)
+    before = d.router.status()["log"]
+    assert before["records_since_start"] == before["records"] > 0
+    d.close()
+    again = Driver(tmp_path, segment_bytes=64 * 1024)
+    start = again.router.status()["log"]
+    assert start["records"] >= before["records"] and start["records_since_start"] == 0 and start["syncs"] == 0
+    again._req = 1000  # new job ids (the driver numbers them from 1 again: those are the finished jobs)
+    again.run(5)
+    after = again.router.status()["log"]
+    assert after["records_since_start"] == after["records"] - start["records"] > 0
+    again.close()

@@ -290,6 +290,9 @@ def submit(script: str, args_json: str | None, delay: float | None, priority: in
         if not isinstance(args, dict):
             raise ValueError("--args must be a JSON object, e.g. '{\"n\": 10}'")
     if backoff is not None and not retries:
+        from .model import parse_backoff
+
+        parse_backoff(backoff)  # a bad spec is the error to show, not the note below
         click.echo("zmqrun: note: --backoff applies only to retried attempts; without --retries it has no effect",
                    err=True)
     with _client(address, client_timeout) as c:
@@ -470,8 +473,10 @@ def status(address: str, client_timeout: float, as_json: bool) -> None:
                f"{counts['scheduled']}, running {counts['running']}{leased}, finished {counts['finished']}")
     lg = st.get("log", {})
     if lg.get("syncs"):
-        click.echo(f"log: {lg['records']} records in {lg['batches']} batches, {lg['syncs']} fdatasyncs "
-                   f"({lg['records'] / lg['syncs']:.1f} records per sync)")
+        # Batches and syncs are this process's: set them against the records it wrote, not the whole log's.
+        new = lg.get("records_since_start", lg["records"])
+        click.echo(f"log: {lg['records']} records in all; since this router started {new} in {lg['batches']} "
+                   f"batches, {lg['syncs']} fdatasyncs ({new / lg['syncs']:.1f} records per sync)")
     if st.get("dropped"):
         click.echo("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items())))
     click.echo(f"{len(st['workers'])} worker(s):")
@@ -590,7 +595,7 @@ def demo(warm_jobs: int, cold_jobs: int) -> None:
               add_help_option=False)
 @click.pass_context
 def bench(ctx: click.Context) -> None:
-    """Run the bench suite (alias of ``python -m bench``, from a source checkout)."""
+    """Run the bench suite (alias of 'python -m bench', from a source checkout)."""
     import os
 
     if os.path.isdir("bench") and os.getcwd() not in sys.path:

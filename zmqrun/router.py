@@ -269,6 +269,7 @@ class Router:
         # Jobs leased after a restart -> the worker incarnation their DISPATCH record names: that worker's
         # READY lists every job it received, so the others it was leased never reached it (see _ready).
         self._lease_incarnation: dict[str, str] = {}
+        self._records_at_start = 0  # log records replayed at start: status counts this process's apart
         self._supervised: dict[bytes, bytes] = {}  # supervisor routing id -> its worker's (see zmqrun.supervisor)
         self._running = False
         self._dirty = False
@@ -406,6 +407,7 @@ class Router:
         was = "was" if leased == 1 else "were"
         running = (f"{leased} {was} running: leased for {self.recovery_lease:g} s to their workers to report, "
                    f"queued again if none does" if leased else "none was running")
+        self._records_at_start = jlog.last_seq
         log.info("recovered from %s and %d log records (%.1f MB): %d live jobs (%s), %d finished",
                  f"snapshot at {after}" if after else "the start of the log", n, jlog.replayed_bytes / 1e6,
                  len(live), running, archive.count())
@@ -1118,7 +1120,8 @@ class Router:
             "fsync": self.policy.mode, "pid": os.getpid(),
             # Dropped input (malformed, bad requests, stale results) and group commit at work.
             "dropped": dict(self.stats),
-            "log": {"records": self.log.last_seq, "batches": self.log.batches_written, "syncs": self.log.syncs,
+            "log": {"records": self.log.last_seq, "records_since_start": self.log.last_seq - self._records_at_start,
+                    "batches": self.log.batches_written, "syncs": self.log.syncs,
                     "segments": len(self.log.segments), "bytes": sum(seg.size for seg in self.log.segments[:-1])
                     + self.log._seg_size, "snapshot": (list_snapshots(self.log.fs, self.data_dir) or [None])[-1],
                     "checkpoints": {k: round(v, 3) for k, v in self.checkpoints.items()}},
