@@ -378,6 +378,7 @@ class Router:
                             self._archive_replayed(jobs.pop(job.id), seq)
                         else:
                             job.status, job.worker = QUEUED, None
+                            self._lease_incarnation.pop(jid, None)
                             if rec.get("unstarted"):
                                 job.attempts = attempt - 1  # never started: the dispatch did not count
         now = time.time()
@@ -413,6 +414,9 @@ class Router:
                  len(live), running, archive.count())
 
     def _archive_replayed(self, job: Job, seq: int) -> None:
+        # Only live dispatched jobs keep their incarnation during replay (a million finished ones must not
+        # pile up in the dict: the router's RSS after a restart is a bench target).
+        self._lease_incarnation.pop(job.id, None)
         self.archive.add(job, seq, self.log.segment_of(seq))
         self.archive.trim()  # the replayed records are on disk: the full jobs need not stay in memory
         if self._big:
