@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -327,4 +328,36 @@ def test_status_counts_this_processes_log_records_apart_from_the_replayed_ones(t
     again.run(5)
     after = again.router.status()["log"]
     assert after["records_since_start"] == after["records"] - start["records"] > 0
+    again.close()
+
+
+def test_a_restart_from_a_snapshot_still_gives_back_jobs_the_worker_never_received(tmp_path: Path) -> None:
+    """(Found by a new-user session: a kill -9 right after a snapshot charged ~115 never-run jobs an attempt.)
+    Jobs dispatched before the snapshot are not replayed from DISPATCH records, so the snapshot row of a
+    running job keeps its worker's incarnation; the worker's READY after the restart, naming none of them,
+    gets them queued again at once, uncounted."""
+    from routerdriver import WORKER, Driver
+
+    def ready(d: Driver, **extra: Any) -> None:
+        d.router._handle([WORKER, P.header(P.WORKER, P.W_READY), orjson.dumps(
+            {"script": "s.py:f", "credit": 64, "name": "w1", "incarnation": "inc-A", **extra})])
+
+    d = Driver(tmp_path, segment_bytes=4096)
+    ready(d)
+    held = d.submit(5)
+    d.tick()
+    assert sorted(j["id"] for j in d.running) == sorted(held)
+    d.running = []  # the worker holds these five and never reports them
+    snaps_before = len(snapshot.list_snapshots(RealFS(), tmp_path))
+    d.run(120)  # other jobs: segments roll, snapshots cover the five running ones
+    assert len(snapshot.list_snapshots(RealFS(), tmp_path)) > snaps_before
+    d.close()  # as a kill -9: nothing more is written
+    again = Driver(tmp_path, segment_bytes=4096)
+    r = again.router
+    assert {jid: r.queue.jobs[jid].status for jid in held} == dict.fromkeys(held, "running")  # leased
+    assert all(r._lease_incarnation.get(jid) == "inc-A" for jid in held), r._lease_incarnation
+    ready(again, received=[], running=[], unstarted=[])
+    again.tick()
+    assert sorted(j["id"] for j in again.running) == sorted(held)  # dispatched again at once
+    assert all(j["attempt"] == 1 for j in again.running), again.running  # the lost dispatch did not count
     again.close()

@@ -316,13 +316,16 @@ def submitted_as(job: Job) -> dict[str, Any]:
 _OPTIONAL = ("tag", "retries", "backoff", "retry_of", "attempt_errors")
 
 
-def state_of(job: Job) -> list[Any]:
+def state_of(job: Job, inc: str | None = None) -> list[Any]:
     """A live job as a snapshot row (every field replay needs; a list, not a dict: 100k of them are
-    decoded at every start).  The optional fields (tag, retry policy, retry_of, attempt errors) follow
-    as a 13th element, a dict, only when one of them is set."""
+    decoded at every start).  The optional fields (tag, retry policy, retry_of, attempt errors, and
+    ``inc``: the incarnation of the worker process a running job was dispatched to, see
+    ``Router._give_back_unreceived``) follow as a 13th element, a dict, only when one of them is set."""
     row = [job.id, job.script, job.args, job.priority, job.scheduled_for, job.timeout, job.created_at,
            job.status, job.attempts, job.worker, job.started_at, job.submit_seq]
     extra = {key: value for key in _OPTIONAL if (value := getattr(job, key))}
+    if inc is not None:
+        extra["inc"] = inc
     if extra:
         row.append(extra)
     return row

@@ -320,6 +320,8 @@ class Router:
         for d in states:
             job = job_from_state(d)
             jobs[job.id] = job
+            if len(d) > 12 and (inc := d[12].get("inc")) is not None:
+                self._lease_incarnation[job.id] = inc  # a running job's worker process (see _give_back_unreceived)
         self.archive = archive = Archive(jlog)
         n = 0
         for seq, rtype, payload in jlog.recover(after):
@@ -479,7 +481,21 @@ class Router:
                                 seg.batches, min_submit, now)  # type: ignore[arg-type]
             write_index(fs, self.data_dir / index_name(seg.first_seq), data)
         if snap_seq is not None:
-            write_snapshot(fs, self.data_dir, snap_seq, [state_of(j) for j in self.queue.jobs.values()], now)
+            incs = self._running_incarnations()
+            write_snapshot(fs, self.data_dir, snap_seq,
+                           [state_of(j, incs.get(j.id) if j.status == RUNNING else None)
+                            for j in self.queue.jobs.values()], now)
+
+    def _running_incarnations(self) -> dict[str, str]:
+        """Job id -> the worker incarnation it was dispatched to, for every job a worker slot holds or a
+        lease after a restart names: a snapshot keeps them, so a restart from it can still tell which
+        leased jobs never reached a worker that registers again (the DISPATCH records are not replayed)."""
+        out = dict(self._lease_incarnation)
+        for w in self.queue.workers.values():
+            if w.incarnation is not None:
+                for jid in w.in_flight:
+                    out[jid] = w.incarnation
+        return out
 
     def _reap_child(self, block: bool = False) -> None:
         assert self._child is not None

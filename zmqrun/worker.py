@@ -850,7 +850,8 @@ def run_worker(connect: str, script: str | None = None, **kw: Any) -> int:
 
     def stop(*_: Any) -> None:
         if w._running and (w._active or w._pending):  # said at once: a long job would leave a Ctrl-C unanswered
-            log.warning("stopping: running jobs finish and are reported first, then the worker leaves")
+            log.warning("stopping: running jobs finish and are reported first, then the worker leaves "
+                        "(kill -9 %d to stop now: its jobs go back to the queue)", os.getpid())
         w.stop()
 
     signal.signal(signal.SIGTERM, stop)
