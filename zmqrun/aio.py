@@ -236,13 +236,7 @@ class AsyncClient:
         if self._closed:
             return False  # close() fails every pending wait itself
         self._conns()  # every read of the monitor goes through here
-        down = self._conn.down_since
-        if down is None:
-            return False
-        if time.monotonic() - max(down, started) >= self.timeout:
-            raise unreachable(self.address, self.timeout, self._conn.unreachable_why()
-                              or "the connection to the router dropped and none came back")
-        return True
+        return self._conn.still_down(started, self.address, self.timeout)
 
     def _conns(self) -> int:
         """Connections completed so far.  On a new one (the router may have restarted and forgotten who

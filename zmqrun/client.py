@@ -542,6 +542,19 @@ class ConnectionWatch:
         self._drained = True
         return self.count
 
+    def still_down(self, since: float, address: str, timeout: float) -> bool:
+        """True while the connection to the router is down (it dropped, none came back); raises
+        RouterUnavailable once it has been down for ``timeout`` seconds, counted from the drop or from
+        ``since`` (time.monotonic(), e.g. when the caller's wait began), whichever is later.  Reads only
+        what :meth:`connections` last read: callers read the monitor first."""
+        down = self.down_since
+        if down is None:
+            return False
+        if time.monotonic() - max(down, since) >= timeout:
+            raise unreachable(address, timeout, self.unreachable_why()
+                              or "the connection to the router dropped and none came back")
+        return True
+
     def unreachable_why(self) -> str | None:
         """Why no connection to the router exists, for the error after a timeout: a failed handshake, or
         every connection attempt failing (nothing listening, a host that does not resolve or route)."""
@@ -742,11 +755,7 @@ class Client:
         after the drop) gets a whole timeout of its own: a retry right after a RouterUnavailable waits
         for a restarting router instead of failing at once."""
         reconnected = self._reconnected()
-        down = self._conn.down_since
-        if down is not None:
-            if time.monotonic() - max(down, quiet_since) >= self.timeout:
-                raise unreachable(self.address, self.timeout, self._conn.unreachable_why()
-                                  or "the connection to the router dropped and none came back")
+        if self._conn.still_down(quiet_since, self.address, self.timeout):
             return False  # nothing can be asked without a connection: wait for one (or the timeout)
         return reconnected or time.monotonic() - quiet_since >= self.timeout
 

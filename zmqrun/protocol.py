@@ -169,12 +169,24 @@ def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
     send(frames[-1], NOBLOCK)
 
 
+def tcp_port_ok(endpoint: str, bind: bool = False) -> bool:
+    """False for a tcp:// address without host or port, or whose port libzmq would misread ("tcp://HOST:99999"
+    as port 34463, the number mod 65536, and "5591x" as 5591); True for any other address.  ``bind``: port
+    0 and "*" (any free port) are fine too."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return True
+    host, colon, port = rest.rpartition(":")
+    if not (colon and host):
+        return False
+    if bind and port == "*":
+        return True
+    return port.isdigit() and (0 if bind else 1) <= int(port) <= 65535
+
+
 def check_endpoint(endpoint: str) -> None:
     """Raise ValueError with one readable line if ZeroMQ cannot parse ``endpoint`` (tcp://host:port, ipc://path)."""
-    scheme, _, rest = endpoint.partition("://")
-    port = rest.rpartition(":")[2]
-    if scheme == "tcp" and not (port.isdigit() and 0 < int(port) <= 65535):
-        # libzmq would take "tcp://HOST:99999" as port 34463 (the number mod 65536) and "5591x" as 5591.
+    if not tcp_port_ok(endpoint):
         raise ValueError(f"invalid router address {endpoint!r} (the port must be a number from 1 to 65535); "
                          f"use tcp://HOST:PORT or ipc://PATH")
     ctx = zmq.Context.instance()

@@ -32,7 +32,7 @@ import signal
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import orjson
 import zmq
@@ -1231,12 +1231,7 @@ class Router:
         if dropped:
             # Leased after a router restart (or queued again when this worker was lost): back in the queue
             # without the attempt, instead of charging it when the lease runs out.
-            now = time.time()
-            back = [job for jid, attempt in dropped if (job := self.queue.give_back(jid, attempt, now)) is not None]
-            if back:
-                self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True, "jobs": [
-                    [job.id, job.attempts + 1, f"worker re-registered ({name}); {why_dropped}"] for job in back]}))
-                log.info("worker %s dropped %d buffered job(s) unstarted: queued again, not counted", name, len(back))
+            self._give_back(name, dropped, why_dropped, "dropped {n} buffered job(s) unstarted")
         received = msg.get("received")
         if inc is not None and type(received) is list and self._lease_incarnation:
             known = {r for r in received if type(r) is str}
@@ -1257,20 +1252,32 @@ class Router:
         code: lost with the old router (dispatched but not sent) or with the old connection (libzmq drops
         a connection's unread messages when it breaks).  They go back to the queue at once, their
         attempt not counted, instead of waiting for the lease to end and being charged it."""
-        now = time.time()
-        back = []
+        lost = []
         for jid in [jid for jid, i in self._lease_incarnation.items() if i == inc]:
             del self._lease_incarnation[jid]
             job = self.queue.jobs.get(jid)
             if jid not in known and job is not None and job.worker == name:
-                if self.queue.give_back(jid, job.attempts, now) is not None:
-                    back.append(job)
+                lost.append((jid, job.attempts))
+        self._give_back(name, lost, "never reached it (lost with the old router or connection); not counted",
+                        "never received {n} job(s) leased to it")
+
+    def _give_back(self, name: str, pairs: Iterable[Sequence[Any]], why: str, said: str) -> None:
+        """Queue again, uncounted, the attempts ``pairs`` ([job id, attempt]) that registering worker ``name``
+        says never started (:meth:`JobQueue.give_back` keeps only those still open), logged with ``why``;
+        ``said`` ("... {n} job(s) ...") is what the router's log line says of them."""
+        now = time.time()
+        back = [job for jid, attempt in pairs if (job := self.queue.give_back(jid, attempt, now)) is not None]
         if back:
-            why = "never reached it (lost with the old router or connection); not counted"
-            self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True, "jobs": [
-                [job.id, job.attempts + 1, f"worker re-registered ({name}); {why}"] for job in back]}))
-            log.info("worker %s never received %d job(s) leased to it: queued again, not counted", name, len(back))
+            self._log_uncounted([(job, job.attempts + 1) for job in back], f"worker re-registered ({name}); {why}",
+                                now)
+            log.info("worker %s %s: queued again, not counted", name, said.format(n=len(back)))
             self._dirty = True
+
+    def _log_uncounted(self, entries: list[tuple[Job, int]], reason: str, now: float) -> None:
+        """One REQUEUE "unstarted" record: these attempts ([job, attempt]) never reached a worker's code and
+        do not count (replay takes them back the same way, see :meth:`recover`)."""
+        self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True,
+                                               "jobs": [[job.id, attempt, reason] for job, attempt in entries]}))
 
     def _send_lease_cancels(self, w: WorkerSlot) -> None:
         """A worker registered: send it the stops of canceled jobs leased to its name (see
@@ -1586,8 +1593,7 @@ class Router:
             fresh = [j for j in back if j.id in unstarted]
             if fresh:
                 back = [j for j in back if j.id not in unstarted]
-                self.log.append(REQUEUE, orjson.dumps({"at": now, "unstarted": True, "jobs": [
-                    [j.id, j.attempts, f"{reason} ({w.name}); {why_unstarted}"] for j in fresh]}))
+                self._log_uncounted([(j, j.attempts) for j in fresh], f"{reason} ({w.name}); {why_unstarted}", now)
                 for j in fresh:
                     j.attempts -= 1
                 self._dirty = True

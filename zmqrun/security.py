@@ -44,6 +44,8 @@ from typing import Any
 
 import zmq
 
+from .protocol import tcp_port_ok
+
 log = logging.getLogger("zmqrun.security")
 
 WARN_INTERVAL = 10.0  # seconds between two role warnings for the same key
@@ -337,10 +339,8 @@ def check_bind(endpoint: str, curve: bool, insecure: bool) -> None:
     """Raise SecurityError if a router without CURVE would bind a non-loopback ``endpoint`` without ``insecure``;
     ValueError if ``endpoint`` is not a ZeroMQ address at all (checked first: "garbage" is no security matter)."""
     scheme, sep, rest = endpoint.partition("://")
-    host, colon, port = rest.rpartition(":")
-    # libzmq would take "tcp://HOST:99999" as port 34463 (the number mod 65536) and "5591x" as 5591.
-    bad_port = scheme == "tcp" and not (colon and host and (port == "*" or (port.isdigit() and int(port) <= 65535)))
-    if not sep or not rest or scheme not in ("tcp", "ipc", "inproc", "ws", "wss", "tipc", "vmci") or bad_port:
+    if (not sep or not rest or scheme not in ("tcp", "ipc", "inproc", "ws", "wss", "tipc", "vmci")
+            or not tcp_port_ok(endpoint, bind=True)):
         raise ValueError(f"invalid bind address {endpoint!r}; use tcp://HOST:PORT with a port from 0 to 65535 "
                          f"(e.g. tcp://127.0.0.1:5555) or ipc://PATH")
     if curve or insecure or is_loopback_endpoint(endpoint):
