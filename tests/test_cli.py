@@ -134,6 +134,12 @@ def test_status_shows_queued_tagged_jobs_and_tags_no_worker_has(router: Cluster)
     assert re.search(r"^  gpu-later: 1  \(no worker has this tag\)$", out, re.M), out
 
 
+def test_an_out_of_range_priority_gets_the_usage_hint(router: Cluster) -> None:
+    """As the README says of out-of-range options: click's usage hint and exit 2 (found by a new-user session)."""
+    proc = router.cli("submit", NOBODY, "--priority", "99999999999")
+    assert proc.returncode == 2 and "Invalid value for '--priority'" in proc.stderr, proc.stderr
+
+
 def test_address_option_and_environment_variable(router: Cluster) -> None:
     router.start_worker(FIBO, name="warm-env")
     by_env = router.cli("submit", FIBO, "--args", '{"n": 7}', "--wait", address=False,

@@ -315,6 +315,23 @@ def test_cold_process_that_dies_is_reported(router: Cluster, client: Client, tmp
     assert client.submit(FIBO, {"n": 5}).result(timeout=30) == 5
 
 
+def test_a_second_router_cannot_take_over_a_served_ipc_path(zr: Cluster, tmp_path: Path) -> None:
+    """(Found by a new-user session: libzmq's bind removes an existing ipc socket file, so a second router
+    took the path over from a running one.)  It now exits 2 as for a busy TCP port; a stale file left by
+    a router that is gone does not stop a new one."""
+    address = f"ipc://{tmp_path}/r.sock"
+    zr.start_router(address=address)
+    busy = subprocess.run([sys.executable, "-m", "zmqrun", "router", "--bind", address, "--data-dir",
+                           str(tmp_path / "other")], capture_output=True, text=True, timeout=20,
+                          env=subprocess_env(), stdin=subprocess.DEVNULL)
+    assert busy.returncode == 2 and "Address already in use" in busy.stderr, busy.stderr
+    assert zr.client().status()["endpoint"] == address  # the first router still serves the path
+    zr.router_proc.kill9()  # leaves its socket file behind
+    assert (tmp_path / "r.sock").exists()
+    zr.start_router(address=address)
+    assert zr.client().status()["counts"]["finished"] == 0
+
+
 def test_router_refuses_a_busy_address_and_a_locked_data_dir(router: Cluster, tmp_path: Path) -> None:
     def run_router(address: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "zmqrun", "router", "--bind", address, "--data-dir",

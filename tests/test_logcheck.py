@@ -304,6 +304,11 @@ def test_check_usage_errors_exit_2(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"x")
     res = CliRunner().invoke(main, ["log", "check", str(tmp_path / "file")])
     assert res.exit_code == 2 and "not a directory" in res.output
+    # A directory with no job log in it (a mistyped --data-dir) is not "healthy" (found by a new-user session).
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "job.py").write_text("def main():\n    return 1\n")
+    res = CliRunner().invoke(main, ["log", "check", str(tmp_path / "scripts")])
+    assert res.exit_code == 2 and "holds no job log" in res.output, res.output
 
 
 def test_check_says_in_use_and_repair_refuses_while_a_router_holds_the_lock(built: Built, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import click
 
 from . import protocol as P
 from .livelogs import DEFAULT_MAX_LOG_BYTES, MAX_LOG_BYTES_LIMIT
+from .model import MAX_PRIORITY
 
 ADDRESS_HELP = "router endpoint (env ZMQRUN_ADDRESS)"
 
@@ -263,7 +264,8 @@ timeout_option = click.option("--timeout-s", "client_timeout", default=10.0, sho
 @click.argument("script")
 @click.option("--args", "args_json", default=None, help='job arguments as a JSON object, e.g. \'{"n": 10}\'')
 @click.option("--delay", default=None, type=float, help="seconds to wait before the job is due")
-@click.option("--priority", default=0, show_default=True, help="higher runs first")
+@click.option("--priority", default=0, show_default=True, type=click.IntRange(-MAX_PRIORITY, MAX_PRIORITY),
+              help="higher runs first")
 @click.option("--timeout", default=None, type=float, help="seconds the job may run")
 @click.option("--id", "job_id", default=None, help="your own job id (resubmitting it creates no second job)")
 @click.option("--retries", default=0, show_default=True, type=click.IntRange(0, 1000),

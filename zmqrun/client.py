@@ -24,7 +24,7 @@ import zmq
 from . import protocol as P
 from .execute import encode_json
 from .livelogs import FollowState
-from .model import MAX_RETRIES, JobRecord, new_job_id, parse_backoff, parse_time, valid_tag
+from .model import MAX_PRIORITY, MAX_RETRIES, JobRecord, new_job_id, parse_backoff, parse_time, valid_tag
 from .security import CurveKeys, secret_suffix
 
 
@@ -240,8 +240,8 @@ def job_dict(script: str, args: Any, priority: int, scheduled_for: Any, delay: A
     """
     if not isinstance(script, str) or not script:
         raise ValueError("script must be a non-empty string like package.module:function")
-    if type(priority) is not int or not -(2**31) < priority < 2**31:
-        raise ValueError(f"priority must be an integer from -2147483647 to 2147483647, not {priority!r}")
+    if type(priority) is not int or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY}, not {priority!r}")
     d: dict[str, Any] = {"id": new_job_id() if job_id is None else job_id, "script": script, "args": _encode_args(args, max_args_bytes),
                          "priority": priority}
     # Checked here because orjson would send NaN and infinity as null, which reads as "not given".

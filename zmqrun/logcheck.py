@@ -314,6 +314,9 @@ def check(data_dir: str | os.PathLike[str]) -> Report:
         raise CheckError(f"data dir {d} does not exist")
     if not d.is_dir():
         raise CheckError(f"data dir {d} is not a directory")
+    if not any(name.startswith(("seg-", "snap-")) for name in os.listdir(d)):
+        # A mistyped path must not pass as "healthy" (found by a new-user session).
+        raise CheckError(f"{d} holds no job log (no seg-*.log or snapshot file): is it a router's --data-dir?")
     rep = Report(d)
     try:
         rep.in_use = lock_held(d)

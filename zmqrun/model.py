@@ -45,6 +45,7 @@ def valid_tag(value: object) -> bool:
 # -- retries ------------------------------------------------------------------------------------
 
 MAX_RETRIES = 1000
+MAX_PRIORITY = 2**31 - 1  # |priority| at most this (a 32-bit int, as the job record states it)
 MAX_BACKOFF = 30 * 86400.0  # seconds: the longest wait before a retry
 DEFAULT_BACKOFF: dict[str, Any] = {"kind": "exponential", "seconds": 1.0, "factor": 2.0, "max": 3600.0,
                                    "jitter": 0.1}

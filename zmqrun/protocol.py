@@ -184,8 +184,29 @@ def tcp_port_ok(endpoint: str, bind: bool = False) -> bool:
     return port.isdigit() and (0 if bind else 1) <= int(port) <= 65535
 
 
+def ipc_in_use(endpoint: str) -> bool:
+    """True if ``endpoint`` is an ipc:// path on which a process accepts connections now.  libzmq's bind
+    removes an existing socket file first, so a second router would silently take the path over from a
+    running one (clients then reach the newcomer, and the first stays unreachable); a stale file (its
+    router gone: connection refused) is no obstacle."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):  # abstract names: bind refuses itself
+        return False
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(endpoint[len("ipc://"):])
+        return True
+    except OSError:  # no such file, refused (stale), not a socket
+        return False
+    finally:
+        probe.close()
+
+
 def check_endpoint(endpoint: str) -> None:
     """Raise ValueError with one readable line if ZeroMQ cannot parse ``endpoint`` (tcp://host:port, ipc://path)."""
+    if not isinstance(endpoint, str):
+        raise ValueError(f"invalid router address {endpoint!r}: a string such as tcp://127.0.0.1:5555")
     if not tcp_port_ok(endpoint):
         raise ValueError(f"invalid router address {endpoint!r} (the port must be a number from 1 to 65535); "
                          f"use tcp://HOST:PORT or ipc://PATH")

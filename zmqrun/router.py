@@ -45,7 +45,7 @@ from .joblog import (CANCEL, DEFAULT_SEGMENT_BYTES, DISPATCH, FINISH, REQUEUE, S
                      LogCorruption, Segment)
 from .segindex import SegmentIndex, encode_index, index_name, write_index
 from .snapshot import list_snapshots, load_latest, write_snapshot
-from .model import (CANCELED, DEFAULT_BACKOFF, FINISHED, MAX_RETRIES, QUEUED, RUNNING, STATUSES, SUCCESS,
+from .model import (CANCELED, DEFAULT_BACKOFF, FINISHED, MAX_PRIORITY, MAX_RETRIES, QUEUED, RUNNING, STATUSES, SUCCESS,
                     parse_backoff, valid_job_id, valid_tag)
 from .queue import (Job, JobQueue, WorkerSlot, apply_cancel, apply_lost, apply_result, attempt_open, job_from,
                     retry_delay)
@@ -84,7 +84,6 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
-MAX_PRIORITY = 2**31 - 1
 MAX_DELAY = 10 * 365 * 86400.0  # seconds: ten years ahead is the latest a job may be scheduled
 MAX_TIMEOUT = 30 * 86400.0  # seconds
 _NUMBER = (int, float)
@@ -578,6 +577,8 @@ class Router:
         dir, and peers that connect during recovery just wait in the socket.
         """
         check_bind(self.bind, self.curve is not None, self.insecure)
+        if P.ipc_in_use(self.bind):
+            raise zmq.ZMQError(zmq.EADDRINUSE)  # as a busy TCP port: "cannot bind ...: Address already in use"
         self.ctx = zmq.Context()
         s = self.ctx.socket(zmq.ROUTER)
         if self.curve is not None:
